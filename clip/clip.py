@@ -1,0 +1,109 @@
+"""`clip.load`: OpenAI's published ViT checkpoints, or a local file, -> (model, preprocess).
+
+Accepted files: OpenAI's TorchScript archives (what the URLs below serve) and plain state dicts saved with
+`torch.save` (read with `weights_only=True`), OpenAI's key layout, including open_clip's state dicts of
+OpenAI-architecture ViTs. Downloads go to a temporary file that is renamed only after its sha256 matches.
+"""
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import torch
+from torchvision import transforms as T
+from tqdm import tqdm
+
+from .model import build_model
+
+_URL = "https://openaipublic.azureedge.net/clip/models/{}/{}"
+_MODELS = {  # name -> (sha256, file name); the hash is part of OpenAI's URL
+    "ViT-B/32": ("40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af", "ViT-B-32.pt"),
+    "ViT-B/16": ("5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", "ViT-B-16.pt"),
+    "ViT-L/14": ("b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", "ViT-L-14.pt"),
+    "ViT-L/14@336px": ("3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", "ViT-L-14-336px.pt"),
+}
+MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def available_models():
+    return list(_MODELS)
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download(name, root):
+    """Path of the checked file for an OpenAI model name, downloading it if it is not cached yet."""
+    expected, filename = _MODELS[name]
+    url = _URL.format(expected, filename)
+    target = Path(root).expanduser() / filename
+    if target.exists():
+        if sha256(target) == expected:
+            return target
+        print(f"{target} does not match its sha256; downloading it again")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=filename + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            with urllib.request.urlopen(url) as src:
+                total = int(src.headers.get("Content-Length") or 0)
+                with tqdm(total=total, unit="B", unit_scale=True, desc=filename) as bar:
+                    for chunk in iter(lambda: src.read(1 << 20), b""):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+        got = sha256(tmp)
+        if got != expected:
+            raise RuntimeError(f"downloaded {url} has sha256 {got}, expected {expected}; refusing it "
+                               f"(the cached file, if any, was left as it was). Try again later.")
+        os.replace(tmp, target)  # the cached file changes only now, and only to a verified one
+    except urllib.error.URLError as e:
+        raise RuntimeError(f"could not download {url} ({e.reason}). Without network, download that file "
+                           f"elsewhere and put it at {target}, or pass a local checkpoint path.") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+def _read_state_dict(path):
+    """A state dict from a TorchScript archive or a torch.save'd dict, with a clear error for anything else."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                is_torchscript = any(n.endswith("constants.pkl") for n in z.namelist())
+            if is_torchscript:
+                return torch.jit.load(path, map_location="cpu").state_dict()
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"{path} is not a readable CLIP checkpoint (truncated or corrupt?): {e}") from e
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]  # an open_clip training checkpoint
+    if not isinstance(sd, dict):
+        raise RuntimeError(f"{path} holds a {type(sd).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def transform(resolution):
+    """CLIP's test-time preprocessing: shorter side to `resolution` (bicubic), center crop, CLIP mean/std."""
+    return T.Compose([T.Resize(resolution, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(resolution),
+                      lambda image: image.convert("RGB"), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def load(name_or_path, device="cpu", download_root=None):
+    """(model, preprocess) for an OpenAI model name (see available_models()) or a checkpoint path."""
+    if name_or_path in _MODELS:
+        path = _download(name_or_path, download_root or os.path.join("~", ".cache", "clip"))
+    elif os.path.isfile(os.path.expanduser(str(name_or_path))):
+        path = Path(name_or_path).expanduser()
+    else:
+        raise RuntimeError(f"{name_or_path!r} is neither a known model ({', '.join(_MODELS)}) nor a file")
+    model = build_model(_read_state_dict(path)).to(device)
+    return model, transform(model.visual.input_resolution)
