@@ -13,7 +13,7 @@ Differences from openai/CLIP's `clip/model.py`, none of which changes a number:
   attention can return its per-head query/key/value and its output before `out_proj`.
 - `encode_text` runs only up to the longest prompt in the batch. Because of the causal mask the feature at the
   end-of-text token never sees later positions, so this is exact and saves most of the text encoder's work.
-- No ResNet image encoder, and no `.half()`: the caller picks the precision (autocast on CUDA). LayerNorm always
+- No ResNet image encoder, and no fp16 conversion of the weights: the caller picks the precision (autocast on CUDA). LayerNorm always
   computes in fp32.
 
 Dimension legend: B batch, N image tokens (1 + patches), T text tokens (<= 77), D width, H heads,

@@ -1,0 +1,48 @@
+"""The repo's structural promises: line budgets, a method-agnostic clip/, and no method importing another.
+
+Run: python -m pytest tests/test_budget.py
+"""
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["coop.py", "capt.py", "sempt.py", "davpt.py"]
+
+
+def lines(path):
+    return len(path.read_text().splitlines())
+
+
+def test_clip_package_stays_small():
+    total = sum(lines(p) for p in (ROOT / "clip").glob("*.py"))
+    assert total <= 750, f"clip/ has {total} lines; the budget is ~700 (a package you read in one sitting)"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_script_budget(name):
+    path = ROOT / name
+    if not path.exists():
+        pytest.skip(f"{name} not written yet")
+    assert lines(path) <= 600, f"{name} has {lines(path)} lines; a method script should read in one go (cap 600)"
+
+
+def test_clip_is_method_agnostic():
+    for path in (ROOT / "clip").glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"\.cuda\(\)|\.half\(\)", text), f"{path.name}: device/precision belong to the caller"
+        assert not re.search(r"MultiheadAttention\(|multi_head_attention_forward\(", text), f"{path.name}: attention is hand-written"
+        for method in ("coop", "capt", "sempt", "davpt", "cocoop", "kgcoop"):
+            assert not re.search(rf"\b{method}\b", text, re.IGNORECASE), f"{path.name} mentions {method}"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_methods_do_not_import_each_other(name):
+    path = ROOT / name
+    if not path.exists():
+        pytest.skip(f"{name} not written yet")
+    others = [m[:-3] for m in METHODS if m != name]
+    for line in path.read_text().splitlines():
+        m = re.match(r"\s*(?:from|import)\s+(\w+)", line)
+        assert not (m and m.group(1) in others), f"{name} imports {m.group(1)}: copy the code instead"
