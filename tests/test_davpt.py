@@ -1,0 +1,211 @@
+"""Tests for davpt.py (DA-VPT on CLIP's ViT). Run: python -m pytest -q tests/test_davpt.py"""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import davpt  # noqa: E402
+from clip.model import CLIP, set_sdpa  # noqa: E402
+
+
+def tiny_clip(seed=0):
+    torch.manual_seed(seed)
+    m = CLIP(embed_dim=32, image_resolution=32, vision_layers=3, vision_width=64, vision_patch_size=8,
+             context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)
+    return set_sdpa(m.eval(), False)
+
+
+def model_for(clip_model, **kw):
+    args = dict(num_classes=6, guided=[-1], num_guided=4, num_other=3)
+    args.update(kw)
+    return davpt.DAVPT(clip_model, args.pop("num_classes"), **args)
+
+
+def test_no_prompts_equals_encode_image():
+    m = model_for(tiny_clip(), num_guided=0, num_other=0)
+    images = torch.randn(2, 3, 32, 32)
+    feats, _ = m(images)
+    assert torch.equal(feats, m.clip.encode_image(images))
+
+
+def test_prompt_shapes_and_replacement():
+    clip_model = tiny_clip()
+    m = model_for(clip_model, guided=[1, 2])
+    assert m.proxy_prompts.shape == (2, 4, 64) and m.other_prompts.shape == (1, 3, 64)
+    assert [m.prompts(l).shape[0] for l in range(3)] == [3, 4, 4]
+    seen = []
+    for blk in clip_model.visual.transformer.resblocks:
+        blk.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].shape[1]))
+    hooks = []
+    for l, blk in enumerate(clip_model.visual.transformer.resblocks):
+        blk.attn.register_forward_pre_hook(lambda mod, inp, l=l: hooks.append((l, inp[0].clone())))
+    m(torch.randn(2, 3, 32, 32))
+    P = 16
+    assert [x.shape[1] for _, x in hooks] == [1 + 3 + P, 1 + 4 + P, 1 + 4 + P]  # old prompts dropped each block
+    # the prompt slots hold exactly this layer's prompts (after ln_1 of the block)
+    for l, x in hooks:
+        M = m.prompts(l).shape[0]
+        ln = clip_model.visual.transformer.resblocks[l].ln_1
+        assert torch.allclose(x[0, 1:1 + M], ln(m.prompts(l)), atol=1e-6)
+
+
+def test_mask_blocks_prompt_to_cls_and_prompts():
+    m = model_for(tiny_clip(), prompt_mask=True)
+    mask = m.mask(3, 1 + 3 + 16, "cpu")
+    assert torch.isinf(mask[1:4, :4]).all() and (mask[1:4, 4:] == 0).all()
+    assert (mask[0] == 0).all() and (mask[4:] == 0).all()
+    # behaviour: with the mask, changing the [CLS] embedding does not change what the prompts attend to in block 0
+    blk = m.clip.visual.transformer.resblocks[0]
+    x = torch.randn(1, 20, 64)
+    x2 = x.clone()
+    x2[:, 0] += 3 * torch.randn(64)
+    x2[:, 2] += 3 * torch.randn(64)  # another prompt
+    a1 = blk.attn(blk.ln_1(x), mask)
+    a2 = blk.attn(blk.ln_1(x2), mask)
+    assert torch.allclose(a1[:, 1], a2[:, 1], atol=1e-5)
+    assert not torch.allclose(a1[:, 4:], a2[:, 4:], atol=1e-3)  # patches still see [CLS]
+
+
+def test_kmeans_deterministic_per_seed():
+    feats = torch.randn(30, 16)
+    a1, _ = davpt.initial_mapping(feats, 5, seed=3)
+    a2, _ = davpt.initial_mapping(feats, 5, seed=3)
+    assert torch.equal(a1, a2) and a1.max() < 5
+    # well-separated clusters are recovered
+    centers = torch.randn(3, 16) * 10
+    x = centers.repeat_interleave(4, 0) + 0.01 * torch.randn(12, 16)
+    a, _ = davpt.initial_mapping(x, 3, seed=0)
+    assert all(len(set(a[i * 4:(i + 1) * 4].tolist())) == 1 for i in range(3)) and len(set(a.tolist())) == 3
+    # C <= k: identity
+    assert torch.equal(davpt.initial_mapping(torch.randn(3, 4), 5, 0)[0], torch.arange(3))
+
+
+def test_proxy_anchor_hand_computed():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    p = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0]])
+    y = torch.tensor([0, 0, 1])
+    a, d, s = 2.0, 0.1, 1.5
+    c = 1 / math.sqrt(2)
+    cos = [[1, 0, -1], [0, 1, 0], [c, c, -c]]  # cos[i][k]
+    S = [[s * v for v in row] for row in cos]
+    pos0 = math.log(1 + math.exp(-a * (S[0][0] - d)) + math.exp(-a * (S[1][0] - d)))
+    pos1 = math.log(1 + math.exp(-a * (S[2][1] - d)))
+    pos2 = 0.0  # prompt 2 has no positives
+    neg0 = math.log(1 + math.exp(a * (S[2][0] + d)))
+    neg1 = math.log(1 + math.exp(a * (S[0][1] + d)) + math.exp(a * (S[1][1] + d)))
+    neg2 = math.log(1 + sum(math.exp(a * (S[i][2] + d)) for i in range(3)))
+    expected = (pos0 + pos1 + pos2) / 3 + (neg0 + neg1 + neg2) / 3
+    got = davpt.proxy_anchor(x, p, y, alpha=a, delta=d, sigma=s)
+    assert abs(got.item() - expected) < 1e-5
+
+
+@pytest.mark.parametrize("tune_bias", ["none", "kv", "all"])
+@pytest.mark.parametrize("token_feature", ["attn-out", "mean-patch"])
+def test_only_prompts_head_and_biases_get_gradients(tune_bias, token_feature):
+    clip_model = tiny_clip()
+    before = {k: v.clone() for k, v in clip_model.state_dict().items()}
+    m = model_for(clip_model, tune_bias=tune_bias, prompt_mask=True)
+    y = torch.tensor([0, 1, 2, 3])
+    feats, ml = m(torch.randn(4, 3, 32, 32), y % m.M_g, token_feature=token_feature)
+    loss = F.cross_entropy(m.logits(feats), y) + sum(t + c for t, c in ml)
+    loss.backward()
+    with_grad = {k for k, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    allowed = {"proxy_prompts", "other_prompts", "head.weight", "head.bias"}
+    if tune_bias != "none":
+        allowed.add("dv")
+    if tune_bias == "all":
+        allowed |= {k for k, p in m.named_parameters() if k.startswith("clip.") and p.requires_grad}
+        assert "clip.visual.class_embedding" in with_grad
+    assert {"proxy_prompts", "other_prompts", "head.weight"} <= with_grad and with_grad <= allowed
+    assert ("dv" in with_grad) == (tune_bias != "none")
+    assert not any(p.requires_grad for p in m.clip.transformer.parameters())  # the text tower stays frozen
+    for k, v in clip_model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_value_bias_delta_is_exact():
+    """dv equals adding the delta to the v-slice of in_proj_bias (an independent reference)."""
+    clip_model = tiny_clip()
+    m = model_for(clip_model, tune_bias="kv")
+    with torch.no_grad():
+        m.dv.normal_()
+    images = torch.randn(2, 3, 32, 32)
+    got, _ = m(images)
+    D = 64
+    with torch.no_grad():
+        for l, blk in enumerate(clip_model.visual.transformer.resblocks):
+            blk.attn.in_proj_bias[2 * D:] += m.dv[l]
+        m.dv.zero_()
+    ref, _ = m(images)
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def write_fixture(tmp_path):
+    """A tiny image-folder dataset for data.py's generic folder reader."""
+    from PIL import Image
+    root = tmp_path / "imgs"
+    g = torch.Generator().manual_seed(0)
+    for c in range(4):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(6):
+            arr = (torch.rand(32, 32, 3, generator=g) * 60 + c * 60).clamp(0, 255).byte().numpy()
+            Image.fromarray(arr).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("head", ["linear", "text"])
+def test_main_end_to_end(tmp_path, head):
+    pytest.importorskip("data")
+    pytest.importorskip("eval")
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(tiny_clip().state_dict(), ckpt)
+    root = write_fixture(tmp_path)
+    out = tmp_path / f"out_{head}"
+    argv = ["--dataset", "folder", "--root", str(root), "--shots", "2", "--backbone", str(ckpt), "--epochs", "2",
+            "--batch-size", "4", "--warmup-epochs", "1", "--device", "cpu", "--out", str(out), "--head", head,
+            "--setting", "fewshot" if head == "linear" else "base2new", "--num-guided", "2"]
+    res = davpt.main(argv)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["method"] == "davpt" and 0 <= saved["base_acc"] <= 100
+    if head == "text":
+        assert saved["new_acc"] is not None
+    again = davpt.main(argv + ["--eval-only"])
+    assert again["base_acc"] == res["base_acc"]
+
+
+def test_kmeans_restart_from_centroids_and_balanced_batches():
+    feats = torch.randn(20, 8)
+    a, cent = davpt.cosine_kmeans(feats, 4, generator=torch.Generator().manual_seed(0))
+    a2, cent2 = davpt.cosine_kmeans(feats, 4, init=cent)  # converged centroids are a fixed point
+    assert torch.equal(a, a2) and torch.allclose(cent, cent2, atol=1e-6)
+    labels = [c for c in range(8) for _ in range(3)]
+    batches = davpt.balanced_batches(labels, 8, torch.Generator().manual_seed(0))
+    assert len(batches) == 3
+    for b in batches:  # 4 classes x 2 images
+        cls = [labels[i] for i in b]
+        assert len(b) == 8 and all(cls.count(c) == 2 for c in set(cls)) and len(set(cls)) == 4
+
+
+def test_cub_reader_and_vtab1k(tmp_path):
+    root = tmp_path / "CUB_200_2011"
+    (root / "images").mkdir(parents=True)
+    (root / "classes.txt").write_text("1 001.Black_footed_Albatross\n5 005.Crested_Auklet\n9 009.Unused_Bird\n")
+    (root / "images.txt").write_text("1 001.Black_footed_Albatross/a.jpg\n2 005.Crested_Auklet/b.jpg\n"
+                                     "3 005.Crested_Auklet/c.jpg\n")
+    (root / "image_class_labels.txt").write_text("1 1\n2 5\n3 5\n")
+    (root / "train_test_split.txt").write_text("1 1\n2 0\n3 1\n")
+    train, test, names = davpt.read_cub_style(str(root))
+    assert names == ["Black footed Albatross", "Crested Auklet"]
+    assert train == [(str(root / "images/001.Black_footed_Albatross/a.jpg"), 0, "Black footed Albatross"),
+                     (str(root / "images/005.Crested_Auklet/c.jpg"), 1, "Crested Auklet")]
+    assert test == [(str(root / "images/005.Crested_Auklet/b.jpg"), 1, "Crested Auklet")]
+    with pytest.raises(FileNotFoundError, match="images.txt"):
+        davpt.read_cub_style(str(tmp_path))
+    items = list(range(1500))
+    tr, va = davpt.vtab1k(items, 0)
+    assert len(tr) == 800 and len(va) == 200 and not set(tr) & set(va) and davpt.vtab1k(items, 0) == (tr, va)
