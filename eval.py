@@ -1,0 +1,170 @@
+"""Evaluation shared by every method: features, accuracy, base/new/H, results.json, and the papers' tables.
+
+    python eval.py runs/            # aggregate every results.json below runs/ into a base-to-new table
+
+Text features are computed once per class list and image features once per test set (never per batch); frozen
+image features can also be kept on disk in a feature store keyed by everything they depend on.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import clip
+
+
+def harmonic_mean(base, new):
+    """H = 2BN / (B + N), the papers' base-to-new summary (0 when both are 0)."""
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0
+
+
+def accuracy(logits, labels):
+    """Top-1 accuracy in percent."""
+    return 100.0 * (logits.argmax(dim=-1) == labels).float().mean().item()
+
+
+@torch.no_grad()
+def zeroshot_weights(model, classnames, template, device):
+    """(K, E) normalised text features of the hand-crafted prompts, computed once per class list."""
+    tokens = clip.tokenize([template.format(c) for c in classnames]).to(device)
+    return F.normalize(model.encode_text(tokens).float(), dim=-1)
+
+
+@torch.no_grad()
+def image_features(model, loader, device, autocast, desc="features"):
+    """(M, E) normalised frozen image features and (M,) labels of a whole loader, computed once."""
+    feats, labels = [], []
+    for images, y in tqdm(loader, desc=desc, leave=False):
+        with autocast():
+            f = model.encode_image(images.to(device))
+        feats.append(F.normalize(f.float(), dim=-1).cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Feature store: frozen image features on disk, reused by every text-side method and seed.
+
+def model_fingerprint(model):
+    """sha256 over the image encoder's weights: the backbone part of a store key."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.visual.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def store_key(fingerprint, dataset, split, transform, files):
+    """One hash over everything the features depend on: change any part and the stored file no longer matches."""
+    parts = {"backbone": fingerprint, "dataset": dataset, "split": split, "transform": repr(transform),
+             "files": [str(f) for f in files]}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def atomic_write(path, write):
+    """write(tmp_path) into a temporary file beside `path`, then rename: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def cached_image_features(store_dir, key, compute):
+    """(features, labels) from `store_dir/<key>.pt`, or compute() and store them. A corrupt file is rebuilt."""
+    path = Path(store_dir) / f"{key}.pt"
+    if path.exists():
+        try:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            if entry["key"] == key and entry["features"].shape[0] == entry["labels"].shape[0]:
+                return entry["features"], entry["labels"]
+            print(f"feature store: {path} does not match its key; recomputing it")
+        except Exception as e:  # truncated or garbled: rebuild rather than fail on a cache
+            print(f"feature store: {path} is unreadable ({type(e).__name__}); recomputing it")
+    features, labels = compute()
+    atomic_write(path, lambda tmp: torch.save({"key": key, "features": features, "labels": labels}, tmp))
+    return features, labels
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Results and tables.
+
+def save_json(path, obj):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
+
+
+def save_results(out_dir, results):
+    """Write results.json (atomically); adds H when base and new accuracies are present."""
+    if "base_acc" in results and "new_acc" in results:
+        results["H"] = harmonic_mean(results["base_acc"], results["new_acc"])
+    save_json(Path(out_dir) / "results.json", results)
+    return results
+
+
+def average(rows):
+    """Papers' average over datasets: mean base, mean new, then H of the means (not the mean of the H's)."""
+    base = sum(r["base_acc"] for r in rows) / len(rows)
+    new = sum(r["new_acc"] for r in rows) / len(rows)
+    return base, new, harmonic_mean(base, new)
+
+
+def collect(runs_dir):
+    """{method: {dataset: [results of each seed]}} from every results.json below runs_dir."""
+    table = defaultdict(lambda: defaultdict(list))
+    for path in sorted(Path(runs_dir).rglob("results.json")):
+        r = json.loads(path.read_text())
+        if "base_acc" in r and "new_acc" in r:
+            table[r.get("method", "?")][r["dataset"]].append(r)
+    return table
+
+
+def base2new_table(runs_dir):
+    """Markdown: one row per dataset + Average, Base / New / H per method, seed count per cell."""
+    table = collect(runs_dir)
+    methods = sorted(table)
+    datasets = sorted({d for m in methods for d in table[m]})
+    lines = ["| Dataset | " + " | ".join(f"{m} Base | {m} New | {m} H" for m in methods) + " |",
+             "|---|" + "---|---|---|" * len(methods)]
+    for d in datasets:
+        cells = []
+        for m in methods:
+            runs = table[m].get(d, [])
+            if not runs:
+                cells += ["–"] * 3
+                continue
+            b, n, h = average(runs)  # over seeds: same rule as over datasets
+            cells += [f"{b:.2f} ({len(runs)})", f"{n:.2f}", f"{h:.2f}"]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    cells = []
+    for m in methods:
+        per_dataset = [dict(zip(("base_acc", "new_acc"), average(table[m][d])[:2])) for d in table[m]]
+        b, n, h = average(per_dataset)
+        cells += [f"{b:.2f} ({len(per_dataset)})", f"{n:.2f}", f"{h:.2f}"]
+    lines.append("| **Average** | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Aggregate results.json files into the papers' base-to-new table.")
+    parser.add_argument("runs_dir", help="folder searched recursively for results.json")
+    args = parser.parse_args(argv)
+    if not collect(args.runs_dir):
+        sys.exit(f"no base-to-new results.json found under {args.runs_dir}")
+    print(base2new_table(args.runs_dir))
+
+
+if __name__ == "__main__":
+    main()

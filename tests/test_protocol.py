@@ -1,0 +1,165 @@
+"""data.py and eval.py: readers in CoOp's layouts, the few-shot base-to-new protocol, eval math, feature store.
+
+Run: python -m pytest tests/test_protocol.py
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import eval as evaluation
+
+SPLITS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "coop_splits"
+
+# Published sizes (CoOp DATASETS.md, as in the method notes §C.4): train / val / test and classes.
+PUBLISHED = {
+    "split_zhou_Caltech101.json": (4128, 1649, 2465, 100),
+    "split_zhou_OxfordPets.json": (2944, 736, 3669, 37),
+    "split_zhou_StanfordCars.json": (6509, 1635, 8041, 196),
+    "split_zhou_OxfordFlowers.json": (4093, 1633, 2463, 102),
+    "split_zhou_DescribableTextures.json": (2820, 1128, 1692, 47),
+    "split_zhou_EuroSAT.json": (13500, 5400, 8100, 10),
+    "split_zhou_UCF101.json": (7639, 1898, 3783, 101),
+}
+# Published base/new class counts of the base-to-new protocol (§C.3), by total class count.
+BASE_NEW = {1000: (500, 500), 100: (50, 50), 37: (19, 18), 196: (98, 98), 102: (51, 51), 101: (51, 50),
+            397: (199, 198), 47: (24, 23), 10: (5, 5)}
+
+
+def write_images(paths, size=12):
+    rng = np.random.default_rng(0)
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(p)
+
+
+@pytest.mark.skipif(not SPLITS.exists(), reason="shared/reference/coop_splits is not beside the repo")
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_real_split_files_match_published_sizes(name):
+    splits = data._read_split_file(SPLITS / name, Path("img"))
+    sizes = tuple(len(splits[s]) for s in ("train", "val", "test"))
+    n_classes = len(data._classnames(splits["train"]))
+    assert sizes + (n_classes,) == PUBLISHED[name]
+    assert all(" " in c or "_" not in c for _, _, c in splits["train"])  # underscores become spaces
+
+
+@pytest.mark.parametrize("n", sorted(BASE_NEW))
+def test_base_new_sizes_and_relabelling(n):
+    items = [(f"{y}_{i}.jpg", y, f"class {y:04d}") for y in range(n) for i in range(2)]
+    base, base_names = data.split_base_new(items, "base")
+    new, new_names = data.split_base_new(items, "new")
+    assert (len(base_names), len(new_names)) == BASE_NEW[n]
+    assert sorted({y for _, y, _ in new}) == list(range(len(new_names)))  # relabelled 0..k-1
+    assert new_names[0] == f"class {BASE_NEW[n][0]:04d}"  # new starts right after the base half, in sorted order
+    assert base_names == [f"class {y:04d}" for y in range(BASE_NEW[n][0])]
+
+
+def test_fewshot_k_per_class_deterministic_and_seeded():
+    items = [(f"{y}_{i}.jpg", y, str(y)) for y in range(5) for i in range(30)]
+    a, b, c = data.fewshot(items, 16, seed=1), data.fewshot(items, 16, seed=1), data.fewshot(items, 16, seed=2)
+    assert a == b and a != c
+    assert all(sum(1 for _, y, _ in a if y == k) == 16 for k in range(5))
+    with pytest.raises(ValueError, match="fewer than --shots"):
+        data.fewshot(items, 31, seed=1)
+
+
+def test_eurosat_layout_and_prepare(tmp_path):
+    """CoOp's EuroSAT layout: eurosat/2750/<Class>/x.jpg + split_zhou_EuroSAT.json with CoOp's class names."""
+    base = tmp_path / "eurosat"
+    names = list(data.EUROSAT_NAMES.items())
+    split = {s: [] for s in ("train", "val", "test")}
+    for label, (folder, name) in enumerate(names):
+        for i in range(4):
+            rel = f"{folder}/{folder}_{i}.jpg"
+            split["train" if i < 3 else "test"].append([rel, label, name])
+            write_images([base / "2750" / rel])
+    (base / "split_zhou_EuroSAT.json").write_text(json.dumps(split))
+    s = data.prepare("eurosat", tmp_path, shots=2, seed=1)
+    assert len(s.train) == 5 * 2 and s.train_classnames == [n for _, n in names[:5]]
+    assert s.tests["new"][1] == [n for _, n in names[5:]] and len(s.tests["new"][0]) == 5
+    assert s.template == "a centered satellite photo of {}."
+
+
+def test_fgvc_aircraft_and_imagenet_layouts(tmp_path):
+    air = tmp_path / "fgvc_aircraft"
+    (air / "variants.txt").parent.mkdir(parents=True)
+    (air / "variants.txt").write_text("707-320\nA300B4\n")
+    for s, ids in [("train", ["1", "2"]), ("val", ["3"]), ("test", ["4", "5"])]:
+        (air / f"images_variant_{s}.txt").write_text("".join(f"{i} {'707-320' if int(i) % 2 else 'A300B4'}\n" for i in ids))
+        write_images([air / "images" / f"{i}.jpg" for i in ids])
+    ds = data.load_dataset("fgvc_aircraft", tmp_path)
+    assert ds.classnames == ["707-320", "A300B4"] and len(ds.test) == 2 and ds.train[0][1] == 0
+
+    inet = tmp_path / "imagenet"
+    (inet).mkdir()
+    (inet / "classnames.txt").write_text("n01 tench\nn02 goldfish\n")
+    write_images([inet / "images" / s / w / f"{i}.JPEG" for s in ("train", "val") for w in ("n01", "n02") for i in range(2)])
+    ds = data.load_dataset("imagenet", tmp_path)
+    assert ds.classnames == ["tench", "goldfish"] and len(ds.train) == 4 and len(ds.test) == 4
+
+
+def test_folder_dataset_and_bad_inputs(tmp_path):
+    write_images([tmp_path / "mine" / c / f"{i}.png" for c in ("cat", "dog") for i in range(10)])
+    ds = data.load_dataset("folder", tmp_path / "mine")
+    assert ds.classnames == ["cat", "dog"] and len(ds.train) + len(ds.test) == 20 and ds.test
+    with pytest.raises(FileNotFoundError, match="--download"):
+        data.load_dataset("dtd", tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.load_dataset("mnistt", tmp_path)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(OSError, match="broken.jpg"):
+        data.ImageList([(str(bad), 0, "x")], data.transform(16, train=False))[0]
+    with pytest.raises(FileNotFoundError, match="gone.jpg"):
+        data.ImageList([(str(tmp_path / "gone.jpg"), 0, "x")], data.transform(16, train=False))[0]
+
+
+def test_loader_trains_when_batch_exceeds_the_fewshot_set(tmp_path):
+    """The drop_last trap: 1 shot x 3 classes with batch 32 must still give one batch, not zero."""
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    write_images(paths, size=40)
+    items = [(str(p), i, str(i)) for i, p in enumerate(paths)]
+    batches = list(data.loader(items, data.transform(32, train=True), batch_size=32, train=True, num_workers=0))
+    assert len(batches) == 1 and batches[0][0].shape == (3, 3, 32, 32)
+
+
+def test_harmonic_mean_and_average_by_hand():
+    assert evaluation.harmonic_mean(80.0, 60.0) == pytest.approx(2 * 80 * 60 / 140)
+    rows = [{"base_acc": 90.0, "new_acc": 50.0}, {"base_acc": 70.0, "new_acc": 70.0}]
+    b, n, h = evaluation.average(rows)
+    assert (b, n) == (80.0, 60.0) and h == pytest.approx(68.5714, abs=1e-4)  # H of the means
+    assert h != pytest.approx((evaluation.harmonic_mean(90, 50) + 70) / 2)  # not the mean of the H's (66.07)
+
+
+def test_table_aggregates_seeds_and_datasets(tmp_path):
+    for d, seed, b, n in [("dtd", 1, 80, 40), ("dtd", 2, 70, 50), ("eurosat", 1, 90, 60)]:
+        evaluation.save_results(tmp_path / d / str(seed), {"method": "coop", "dataset": d, "seed": seed,
+                                                           "base_acc": b, "new_acc": n})
+    table = evaluation.base2new_table(tmp_path)
+    assert "| dtd | 75.00 (2) | 45.00 | 56.25 |" in table
+    assert "| **Average** | 82.50 (2) | 52.50 | 64.17 |" in table
+
+
+def test_feature_store_keys_invalidation_and_corruption(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return torch.randn(3, 4), torch.arange(3)
+
+    key = evaluation.store_key("abc", "dtd", "test", "T", ["a.jpg", "b.jpg"])
+    f1, _ = evaluation.cached_image_features(tmp_path, key, compute)
+    f2, _ = evaluation.cached_image_features(tmp_path, key, compute)
+    assert torch.equal(f1, f2) and len(calls) == 1  # second read comes from disk
+    for changed in [("abd", "dtd", "test", "T", ["a.jpg", "b.jpg"]), ("abc", "dtd", "val", "T", ["a.jpg", "b.jpg"]),
+                    ("abc", "dtd", "test", "T2", ["a.jpg", "b.jpg"]), ("abc", "dtd", "test", "T", ["a.jpg"])]:
+        assert evaluation.store_key(*changed) != key
+    (tmp_path / f"{key}.pt").write_bytes(b"garbage")
+    f3, _ = evaluation.cached_image_features(tmp_path, key, compute)
+    assert len(calls) == 2 and not torch.equal(f1, f3)  # rebuilt
+    assert list(tmp_path.glob("*.tmp")) == []
