@@ -136,10 +136,16 @@ def _folder_dataset(root):
                                 f"(optionally DIR/train/<class>/ and DIR/test/<class>/)")
     if (root / "train").is_dir() and (root / "test").is_dir():
         train, test = _read_folders(root / "train"), _read_folders(root / "test")
-    else:  # no split given: a deterministic 80/20 split per class by sorted file order
+    else:  # no split given: a deterministic 80/20 split of each class (by a hash of the file name)
         train, test = [], []
+        by_class = defaultdict(list)
         for item in _read_folders(root):
-            (test if hash_fraction(item[0]) < 0.2 else train).append(item)
+            by_class[item[1]].append(item)
+        for items in by_class.values():
+            items = sorted(items, key=lambda item: hash_fraction(Path(item[0]).name))
+            n_test = max(1, len(items) // 5) if len(items) > 1 else 0
+            test += items[:n_test]
+            train += items[n_test:]
     return SimpleNamespace(name="folder", template="a photo of a {}.", classnames=_classnames(train),
                            train=train, val=[], test=test)
 

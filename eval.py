@@ -108,7 +108,7 @@ def save_json(path, obj):
 
 def save_results(out_dir, results):
     """Write results.json (atomically); adds H when base and new accuracies are present."""
-    if "base_acc" in results and "new_acc" in results:
+    if results.get("base_acc") is not None and results.get("new_acc") is not None:
         results["H"] = harmonic_mean(results["base_acc"], results["new_acc"])
     save_json(Path(out_dir) / "results.json", results)
     return results
@@ -126,7 +126,7 @@ def collect(runs_dir):
     table = defaultdict(lambda: defaultdict(list))
     for path in sorted(Path(runs_dir).rglob("results.json")):
         r = json.loads(path.read_text())
-        if "base_acc" in r and "new_acc" in r:
+        if r.get("base_acc") is not None and r.get("new_acc") is not None:
             table[r.get("method", "?")][r["dataset"]].append(r)
     return table
 
