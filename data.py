@@ -94,11 +94,14 @@ def load_dataset(name, root, download=False):
     if name == "world":
         import world  # the built-in offline world renders its images on first use
         base = world.prepare_dataset(root)
-    elif download and not base.exists():
+    elif download:
         _download(name, root)
     image_dir = _need(base / layout["images"], name)
+    own_split = base / f"split_nanoprompt_{name}.json"  # written by --download where CoOp has no split file
     if layout["split"]:
         splits = _read_split_file(_need(base / layout["split"], name), image_dir)
+    elif own_split.exists():
+        splits = _read_split_file(own_split, image_dir)
     elif name == "fgvc_aircraft":
         variants = _need(base / "variants.txt", name).read_text().splitlines()
         label = {v: i for i, v in enumerate(variants)}
@@ -148,6 +151,67 @@ def _folder_dataset(root):
             train += items[n_test:]
     return SimpleNamespace(name="folder", template="a photo of a {}.", classnames=_classnames(train),
                            train=train, val=[], test=test)
+
+
+# --download: torchvision class, its split names -> ours (None: one pool split 50/20/30 as CoOp's own splits).
+TORCHVISION = {"eurosat": ("EuroSAT", None), "dtd": ("DTD", {"train": "train", "val": "val", "test": "test"}),
+               "oxford_flowers": ("Flowers102", {"train": "train", "val": "val", "test": "test"}),
+               "oxford_pets": ("OxfordIIITPet", {"train": "trainval", "test": "test"}),
+               "food101": ("Food101", {"train": "train", "test": "test"}),
+               "fgvc_aircraft": ("FGVCAircraft", {"train": "train", "val": "val", "test": "test"}),
+               "caltech101": ("Caltech101", None), "sun397": ("SUN397", None)}
+CALTECH_RENAME = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
+
+
+def _torchvision_items(name, ds, base):
+    """(absolute path, class name) of every image of a torchvision dataset, with CoOp's class-name rules."""
+    if name == "eurosat":
+        return [(p, EUROSAT_NAMES[Path(p).parent.name]) for p, _ in ds.samples]
+    if name == "caltech101":
+        folder = Path(ds.root) / "101_ObjectCategories"
+        return [(str(folder / ds.categories[y] / f"image_{i:04d}.jpg"), CALTECH_RENAME.get(ds.categories[y], ds.categories[y]).lower())
+                for y, i in zip(ds.y, ds.index) if ds.categories[y] not in ("BACKGROUND_Google", "Faces_easy")]
+    files = getattr(ds, "_image_files", None) or ds._images
+    if name == "oxford_flowers":
+        names_file = _need(base / "cat_to_name.json", name)  # CoOp ships it; torchvision has no flower names
+        names = json.loads(names_file.read_text())
+        return [(str(f), names[str(y + 1)]) for f, y in zip(files, ds._labels)]
+    classes = [c.lower() if name == "oxford_pets" else c for c in ds.classes]
+    return [(str(f), classes[y]) for f, y in zip(files, ds._labels)]
+
+
+def _download(name, root):
+    """Fetch a dataset with torchvision and write a split file in CoOp's format that the normal reader then reads."""
+    import torchvision.datasets as tvd
+    if name not in TORCHVISION:
+        raise ValueError(f"--download supports {sorted(TORCHVISION)}; get {name!r} as CoOp's DATASETS.md describes")
+    layout, (cls, splits) = DATASETS[name], TORCHVISION[name]
+    base = root / layout["dir"]
+    target = base / (layout["split"] or f"split_nanoprompt_{name}.json")
+    if target.exists() or (name == "fgvc_aircraft" and (base / "variants.txt").exists()):
+        return  # already in CoOp's layout
+    image_dir = base / layout["images"]
+    fetched = base / "torchvision"
+    kwargs = {"annotation_level": "variant"} if name == "fgvc_aircraft" else {}
+    if splits is None:
+        pools = {"all": _torchvision_items(name, getattr(tvd, cls)(fetched, download=True, **kwargs), base)}
+    else:
+        pools = {ours: _torchvision_items(name, getattr(tvd, cls)(fetched, split=theirs, download=True, **kwargs), base)
+                 for ours, theirs in splits.items()}
+    if "all" in pools:  # CoOp's own rule for datasets without an official split: 50% train, 20% val, 30% test
+        items = pools.pop("all")
+        pools = {"train": [], "val": [], "test": []}
+        for item in items:
+            f = hash_fraction(item[0])
+            pools["train" if f < 0.5 else "val" if f < 0.7 else "test"].append(item)
+    pools.setdefault("val", [])
+    label = {c: i for i, c in enumerate(sorted({c for items in pools.values() for _, c in items}))}
+    split = {s: [[os.path.relpath(p, image_dir), label[c], c] for p, c in items] for s, items in pools.items()}
+    image_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(split))
+    os.replace(tmp, target)
+    print(f"no CoOp split file for {name}: wrote a deterministic split to {target}")
 
 
 def hash_fraction(text):

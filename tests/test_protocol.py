@@ -163,3 +163,23 @@ def test_feature_store_keys_invalidation_and_corruption(tmp_path):
     f3, _ = evaluation.cached_image_features(tmp_path, key, compute)
     assert len(calls) == 2 and not torch.equal(f1, f3)  # rebuilt
     assert list(tmp_path.glob("*.tmp")) == []
+
+
+def test_download_arranges_a_torchvision_dataset_into_a_split_file(tmp_path, monkeypatch):
+    """--download: torchvision's EuroSAT (an ImageFolder) becomes a CoOp-format split the normal reader reads."""
+    import torchvision.datasets as tvd
+
+    class FakeEuroSAT:  # what torchvision's EuroSAT exposes after download=True: .samples of (path, label)
+        def __init__(self, root, download):
+            assert download
+            folder = Path(root) / "eurosat" / "2750"
+            write_images([folder / c / f"{c}_{i}.jpg" for c in ("AnnualCrop", "SeaLake") for i in range(10)])
+            self.samples = [(str(p), 0) for p in sorted(folder.rglob("*.jpg"))]
+
+    monkeypatch.setattr(tvd, "EuroSAT", FakeEuroSAT)
+    ds = data.load_dataset("eurosat", tmp_path, download=True)
+    assert ds.classnames == ["Annual Crop Land", "Sea or Lake"]  # CoOp's renamed classes
+    assert len(ds.train) + len(ds.val) + len(ds.test) == 20 and ds.train and ds.test
+    again = data.load_dataset("eurosat", tmp_path, download=True)  # the written split is reused, not redone
+    assert [p for p, _, _ in again.test] == [p for p, _, _ in ds.test]
+    assert Path(ds.test[0][0]).resolve().exists()
