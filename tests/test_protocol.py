@@ -183,3 +183,29 @@ def test_download_arranges_a_torchvision_dataset_into_a_split_file(tmp_path, mon
     again = data.load_dataset("eurosat", tmp_path, download=True)  # the written split is reused, not redone
     assert [p for p, _, _ in again.test] == [p for p, _, _ in ds.test]
     assert Path(ds.test[0][0]).resolve().exists()
+
+
+@pytest.mark.parametrize("name", [n for n, d in data.DATASETS.items() if d["split"] and n != "world"])
+def test_every_split_file_dataset_reads_its_exact_layout(tmp_path, name):
+    """<root>/<dir>/<images>/... + <root>/<dir>/split_zhou_*.json, exactly CoOp's folder and file names."""
+    layout = data.DATASETS[name]
+    base = tmp_path / layout["dir"]
+    split = {"train": [[f"a/{i}.jpg", i % 2, f"class_{i % 2}"] for i in range(4)], "val": [],
+             "test": [[f"b/{i}.jpg", i % 2, f"class_{i % 2}"] for i in range(2)]}
+    write_images([base / layout["images"] / p for s in split.values() for p, _, _ in s])
+    (base / layout["split"]).write_text(json.dumps(split))
+    ds = data.load_dataset(name, tmp_path)
+    assert ds.classnames == ["class 0", "class 1"] and len(ds.train) == 4 and len(ds.test) == 2
+    assert all(Path(p).exists() for p, _, _ in ds.train + ds.test)
+
+
+@pytest.mark.parametrize("name", ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"])
+def test_imagenet_variants_are_test_sets(tmp_path, name):
+    layout = data.DATASETS[name]
+    base = tmp_path / layout["dir"]
+    base.mkdir()
+    (base / "classnames.txt").write_text("n01 tench\nn02 goldfish\n")
+    folders = ["0", "1"] if name == "imagenetv2" else ["n01", "n02"]
+    write_images([base / layout["images"] / f / f"{i}.jpg" for f in folders for i in range(2)])
+    ds = data.load_dataset(name, tmp_path)
+    assert ds.train == [] and ds.classnames == ["tench", "goldfish"] and len(ds.test) == 4
