@@ -140,8 +140,9 @@ def atomic_save(obj, path):
 def train(model, prompt_learner, split, args, device, autocast):
     """SGD over the context only; one line per epoch."""
     resolution = model.visual.input_resolution
-    train_loader = data.loader(split.train, data.transform(resolution, train=True), args.batch_size, train=True,
-                               num_workers=args.workers, seed=args.seed)
+    train_transform = data.transform(resolution, train=True, crop_scale=split.crop_scale)
+    train_loader = data.loader(split.train, train_transform, args.batch_size, train=True, num_workers=args.workers,
+                               seed=args.seed)
     params = [p for p in prompt_learner.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     logit_scale = model.logit_scale.exp().float()

@@ -20,7 +20,9 @@ MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.2757
 
 # name -> folder under --root, image folder inside it, CoOp split file, hand-crafted template (CoOp's CUSTOM_TEMPLATES)
 DATASETS = {
-    "world": dict(dir="world", images="images", split="split_world.json", template="a photo of a {}."),
+    # The built-in world's objects are small and centred: random crops would cut them away, so it trains on whole
+    # images (flip only). Every real dataset uses the papers' crop scale (0.08, 1).
+    "world": dict(dir="world", images="images", split="split_world.json", template="a photo of a {}.", crop_scale=(1.0, 1.0)),
     "caltech101": dict(dir="caltech-101", images="101_ObjectCategories", split="split_zhou_Caltech101.json", template="a photo of a {}."),
     "oxford_pets": dict(dir="oxford_pets", images="images", split="split_zhou_OxfordPets.json", template="a photo of a {}, a type of pet."),
     "stanford_cars": dict(dir="stanford_cars", images="", split="split_zhou_StanfordCars.json", template="a photo of a {}."),
@@ -254,7 +256,7 @@ def prepare(name, root, shots, seed, setting="base2new", download=False):
     """Everything a method script needs: few-shot train items of the training classes and the test sets.
 
     .train: [(path, label, classname)] relabelled; .train_classnames; .tests: {"base"|"new"|"all": (items, classnames)};
-    .template; .train_files: the chosen few-shot files (saved with the results).
+    .template; .train_files: the chosen few-shot files (saved with the results); .crop_scale of the train transform.
     """
     ds = load_dataset(name, root, download)
     train = fewshot(ds.train, shots, seed) if shots > 0 else ds.train
@@ -268,14 +270,17 @@ def prepare(name, root, shots, seed, setting="base2new", download=False):
     else:
         raise ValueError(f"unknown setting {setting!r}; use base2new, fewshot or crossdataset")
     return SimpleNamespace(train=train_items, train_classnames=train_names, tests=tests, template=ds.template,
-                           train_files=[p for p, _, _ in train_items])
+                           train_files=[p for p, _, _ in train_items],
+                           crop_scale=DATASETS.get(name, {}).get("crop_scale", (0.08, 1.0)))
 
 
-def transform(resolution, train):
-    """CLIP transforms. train: RandomResizedCrop(0.08-1, bicubic) + flip; test: shorter side + center crop."""
+def transform(resolution, train, crop_scale=(0.08, 1.0)):
+    """CLIP transforms. train: RandomResizedCrop(crop_scale, bicubic) + flip; test: shorter side + center crop."""
     bicubic = T.InterpolationMode.BICUBIC
     if train:
-        steps = [T.RandomResizedCrop(resolution, scale=(0.08, 1.0), interpolation=bicubic), T.RandomHorizontalFlip()]
+        ratio = (1.0, 1.0) if crop_scale == (1.0, 1.0) else (3 / 4, 4 / 3)  # (1, 1): the whole image, resized
+        steps = [T.RandomResizedCrop(resolution, scale=crop_scale, ratio=ratio, interpolation=bicubic),
+                 T.RandomHorizontalFlip()]
     else:
         steps = [T.Resize(resolution, interpolation=bicubic), T.CenterCrop(resolution)]
     return T.Compose(steps + [T.ToTensor(), T.Normalize(MEAN, STD)])

@@ -402,7 +402,7 @@ def main(argv=None):
         if args.shots > 0 and not args.vtab1k:
             train_items = data.fewshot(train_items, args.shots, args.seed)
         split = SimpleNamespace(train=train_items, train_classnames=names, tests={"all": (test_items, names)},
-                                template="a photo of a {}, a type of bird.")
+                                template="a photo of a {}, a type of bird.", crop_scale=(0.08, 1.0))
     else:
         shots = 0 if args.vtab1k else args.shots
         split = data.prepare(args.dataset, args.root, shots, args.seed, setting=args.setting, download=args.download)
@@ -428,7 +428,7 @@ def main(argv=None):
         if bad:
             raise KeyError(f"{ckpt} does not match these flags (unexpected {bad}); use the flags it was trained with")
     else:
-        mapping = train(model, split.train, C, data.transform(res, True), args, device, amp)
+        mapping = train(model, split.train, C, data.transform(res, True, split.crop_scale), args, device, amp)
         atomic_save({"trainable": model.trainable_state(), "mapping": mapping.cpu()}, ckpt)
     accs = {}
     for name, (items, classnames) in split.tests.items():
