@@ -165,6 +165,7 @@ class DAVPT(nn.Module):
             nn.init.zeros_(self.head.bias)
         else:
             self.register_buffer("text_weights", text_weights.float())  # (C, E) normalised, frozen
+            self.logit_scale = clip_model.logit_scale.exp().item()  # CLIP's own temperature (100 for OpenAI's)
 
     def prompts(self, l):
         kind, i = self.slot[l]
@@ -208,7 +209,7 @@ class DAVPT(nn.Module):
     def logits(self, feats):
         if self.head_type == "linear":
             return self.head(feats.float())  # (B, C)
-        return 100.0 * F.normalize(feats.float(), dim=-1) @ self.text_weights.t()  # (B, C), CLIP's logit scale
+        return self.logit_scale * F.normalize(feats.float(), dim=-1) @ self.text_weights.t()  # (B, C)
 
     def trainable_state(self):
         return {k: v.detach().cpu() for k, v in self.named_parameters() if v.requires_grad}
