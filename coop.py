@@ -22,8 +22,6 @@ Dimension legend: B batch, K classes, M context tokens, T text tokens (<= 77), D
 import argparse
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -123,20 +121,6 @@ def lr_at_epoch(epoch, lr, epochs, warmup_lr):
     return 0.5 * lr * (1 + math.cos(math.pi * (epoch - 1) / epochs))
 
 
-def atomic_save(obj, path):
-    """torch.save through a temporary file and a rename: an interrupted save never corrupts a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def train(model, prompt_learner, split, args, device, autocast):
     """SGD over the context only; one line per epoch."""
     resolution = model.visual.input_resolution
@@ -203,7 +187,8 @@ def main(argv=None):
         evaluation.save_json(Path(args.out) / "args.json", vars(args) | {"backbone": backbone})
         evaluation.save_json(Path(args.out) / "train_files.json", split.train_files)
         train(model, prompt_learner, split, args, device, autocast)
-        atomic_save({"ctx": prompt_learner.ctx.detach().cpu(), "args": vars(args), "classnames": base_names}, checkpoint)
+        state = {"ctx": prompt_learner.ctx.detach().cpu(), "args": vars(args), "classnames": base_names}
+        evaluation.atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))  # never a half-written checkpoint
 
     results = {"method": "coop", "dataset": args.dataset, "seed": args.seed, "shots": args.shots, "backbone": backbone,
                "base_classnames": base_names, "new_classnames": new_names}

@@ -39,13 +39,13 @@ def zeroshot_weights(model, classnames, template, device):
 
 
 @torch.no_grad()
-def image_features(model, loader, device, autocast, desc="features"):
-    """(M, E) normalised frozen image features and (M,) labels of a whole loader, computed once."""
+def image_features(model, loader, device, autocast, desc="features", normalize=True):
+    """(M, E) frozen image features (normalised unless normalize=False) and (M,) labels of a loader, computed once."""
     feats, labels = [], []
     for images, y in tqdm(loader, desc=desc, leave=False):
         with autocast():
             f = model.encode_image(images.to(device))
-        feats.append(F.normalize(f.float(), dim=-1).cpu())
+        feats.append((F.normalize(f.float(), dim=-1) if normalize else f.float()).cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 

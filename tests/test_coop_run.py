@@ -10,29 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import clip
 import coop
-from clip.model import CLIP
+from conftest import NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ["red circle", "blue square", "green triangle", "yellow star", "purple heart"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A random tiny CLIP checkpoint and a folder dataset of 5 classes (train/ and test/)."""
-    root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    torch.save(CLIP(32, 32, 1, 64, 16, 77, 49408, 64, 1, 1).state_dict(), root / "clip.pt")
-    rng = np.random.default_rng(0)
-    for split, n in [("train", 3), ("test", 2)]:
-        for c in NAMES:
-            (root / "ds" / split / c).mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(root / "ds" / split / c / f"{i}.png")
-    return root
 
 
 def test_initial_prompts_equal_clips_own_text_features(tiny):

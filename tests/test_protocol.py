@@ -3,7 +3,6 @@
 Run: python -m pytest tests/test_protocol.py
 """
 import json
-import math
 from pathlib import Path
 
 import numpy as np
