@@ -60,3 +60,22 @@ def test_pretraining_loss_falls_and_checkpoint_loads(tmp_path):
     assert "visual.transformer.resblocks.1.attn.in_proj_weight" in loaded.state_dict()
     x = world.to_input(images[:4])
     assert torch.allclose(loaded.encode_image(x), model.encode_image(x), atol=1e-6)
+
+
+def test_coop_beats_zero_shot_on_base_classes(tmp_path):
+    """The world teaches something: a short pretraining (1,200 steps, ~45 s), then CoOp's base accuracy after 5 epochs
+    exceeds the zero-shot accuracy of the same CLIP on the same test split (measured: 52.3 -> 54.9)."""
+    import coop
+    rng = np.random.default_rng(0)
+    pairs = np.array([(c, s) for c in range(8) for s in range(8) if (c, s) not in world.HELD_OUT])
+    c, s = pairs[rng.integers(len(pairs), size=8192)].T
+    p, z = rng.integers(3, size=8192), rng.integers(2, size=8192)
+    images = torch.from_numpy(world.render(c, s, p, z, rng))
+    tokens = clip.tokenize([world.caption(*a, rng) for a in zip(c, s, p, z)])
+    model, _ = world.pretrain(images, tokens, steps=1200, seed=0, batch=128)
+    torch.save(model.state_dict(), tmp_path / "clip.pt")
+    world.prepare_dataset(tmp_path, train_per_class=16, test_per_class=24)
+    common = ["--root", str(tmp_path), "--backbone", str(tmp_path / "clip.pt"), "--device", "cpu", "--workers", "0"]
+    zero_shot = coop.main(common + ["--epochs", "0", "--out", str(tmp_path / "zero_shot")])  # "a photo of a" = template
+    tuned = coop.main(common + ["--epochs", "5", "--out", str(tmp_path / "coop")])
+    assert tuned["base_acc"] > zero_shot["base_acc"] + 1.0, (zero_shot, tuned)
