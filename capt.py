@@ -77,6 +77,10 @@ parser.add_argument("--out", default=None, help="run folder (default runs/<metho
 parser.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint saved in --out, no training")
 parser.add_argument("--download", action="store_true", help="fetch the dataset with torchvision if it is missing")
 parser.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(4, cores))")
+parser.add_argument("--store", default="auto",
+                    help="feature store for frozen image features (auto = <root>/.cache/features; none = off)")
+parser.add_argument("--cache-views", type=int, default=0,
+                    help="K > 0: encode K augmented views of each training image once and train on features")
 # method (None = the released config of the chosen setting, CaPT configs / A.8 of the notes)
 parser.add_argument("--condition", default="text", choices=["none", "image", "noise", "text"],
                     help="the meta-net's input: none = CoOp, image = CoCoOp, noise = one fixed random vector, text = CaPT")
@@ -149,6 +153,14 @@ def resolve_device(device, precision):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     enabled = dtype != torch.float32
     return device, lambda: torch.autocast(device.split(":")[0], dtype=dtype, enabled=enabled)
+
+
+# Copied from coop.py: store
+def store(args):
+    """The feature-store folder of --store (None when off)."""
+    if args.store == "none":
+        return None
+    return Path(args.root) / ".cache" / "features" if args.store == "auto" else Path(args.store)
 
 
 # Copied from coop.py: lr_at_epoch
@@ -276,10 +288,8 @@ def kgcoop_loss(text_features, tci):
     return 1 - F.cosine_similarity(text_features, tci.expand_as(text_features), dim=-1).mean()
 
 
-def step_loss(capt, model, images, labels, args, autocast, logit_scale):
-    """(loss, ITM logits) of one batch: margin-ITM (+ KgCoOp term) (+ DeCaPT's CAT head)."""
-    with torch.no_grad(), autocast():
-        f = model.encode_image(images).float()  # (B, E) raw: the CAT head reads unnormalised features
+def step_loss(capt, model, f, labels, args, autocast, logit_scale):
+    """(loss, ITM logits) of one batch of raw image features f (B, E): margin-ITM (+ KgCoOp) (+ DeCaPT's CAT head)."""
     g = encode_prompts(model, capt.prompts(capt.offsets(f)), capt.prompt_learner.eot_idx, autocast, args.chunk)
     logits = itm_logits(f, g, logit_scale)  # (B, K)
     loss = margin_itm_loss(logits, labels, capt.tci_similarity, args.epsilon, logit_scale)
@@ -296,8 +306,8 @@ def train(capt, model, split, args, device, autocast):
     """SGD over context, meta-net (and CAT head at lr x cat-lr-mult); one line per epoch."""
     resolution = model.visual.input_resolution
     train_transform = data.transform(resolution, train=True, crop_scale=split.crop_scale)
-    train_loader = data.loader(split.train, train_transform, args.batch_size, train=True, num_workers=args.workers,
-                               seed=args.seed)
+    batches = evaluation.training_batches(model, split.train, train_transform, args.batch_size, device, autocast,
+                                          args.seed, args.cache_views, store(args), args.dataset, args.workers)
     head = [p for n, p in capt.named_parameters() if n.startswith(("film_", "classifier"))]
     rest = [p for n, p in capt.named_parameters() if not n.startswith(("film_", "classifier"))]
     groups = [{"params": rest, "base_lr": args.lr}] + ([{"params": head, "base_lr": args.lr * args.cat_lr_mult}] if head else [])
@@ -308,9 +318,8 @@ def train(capt, model, split, args, device, autocast):
             group["lr"] = lr_at_epoch(epoch, group["base_lr"], args.epochs, args.warmup_lr)
         capt.train()
         total_loss, correct, seen = 0.0, 0, 0
-        for images, labels in tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
-            images, labels = images.to(device), labels.to(device)
-            loss, logits = step_loss(capt, model, images, labels, args, autocast, logit_scale)
+        for features, labels in tqdm(batches(), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
+            loss, logits = step_loss(capt, model, features, labels, args, autocast, logit_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -340,13 +349,13 @@ def predict(capt, model, f, fuse, args, autocast):
 
 
 @torch.no_grad()
-def evaluate(capt, model, items, classnames, fuse, args, device, autocast):
+def evaluate(capt, model, items, classnames, split_name, fuse, args, device, autocast):
     """Accuracy on one test set: text features once per class list (per image batch for the image condition)."""
     capt.eval()
     capt.set_classnames(model, classnames, autocast)
-    loader = data.loader(items, data.transform(model.visual.input_resolution, train=False), 100, train=False,
-                         num_workers=args.workers)
-    f, labels = evaluation.image_features(model, loader, device, autocast, normalize=False)  # (N, E) raw, (N,)
+    transform = data.transform(model.visual.input_resolution, train=False)
+    f, labels = evaluation.stored_image_features(model, items, transform, args.dataset, split_name, store(args), device,
+                                                 autocast)  # (N, E) raw: the CAT head reads unnormalised features
     return evaluation.accuracy(predict(capt, model, f.to(device), fuse, args, autocast), labels.to(device))
 
 
@@ -391,8 +400,8 @@ def main(argv=None):
 
     results = {"method": method, "dataset": args.dataset, "seed": args.seed, "shots": args.shots, "backbone": backbone,
                "base_classnames": base_names, "new_classnames": new_names}
-    results["base_acc"] = evaluate(capt, model, *split.tests["base"], args.decapt, args, device, autocast)
-    results["new_acc"] = evaluate(capt, model, *split.tests["new"], False, args, device, autocast)  # ITM only
+    results["base_acc"] = evaluate(capt, model, *split.tests["base"], "base", args.decapt, args, device, autocast)
+    results["new_acc"] = evaluate(capt, model, *split.tests["new"], "new", False, args, device, autocast)  # ITM only
     results["wall_time"] = time.time() - start
     results = evaluation.save_results(args.out, results)
     print(f"base {results['base_acc']:.2f}  new {results['new_acc']:.2f}  H {results['H']:.2f}  ({args.out})")

@@ -52,6 +52,10 @@ parser.add_argument("--out", default=None, help="run folder (default runs/coop/<
 parser.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint saved in --out, no training")
 parser.add_argument("--download", action="store_true", help="fetch the dataset with torchvision if it is missing")
 parser.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(4, cores))")
+parser.add_argument("--store", default="auto",
+                    help="feature store for frozen image features (auto = <root>/.cache/features; none = off)")
+parser.add_argument("--cache-views", type=int, default=0,
+                    help="K > 0: encode K augmented views of each training image once and train on features")
 # method
 parser.add_argument("--ctx-init", default="a photo of a", help="words the context starts from ('' = random init)")
 parser.add_argument("--n-ctx", type=int, default=4, help="context length when --ctx-init is '' (CoOp paper: 16)")
@@ -114,6 +118,13 @@ def resolve_device(device, precision):
     return device, lambda: torch.autocast(device.split(":")[0], dtype=dtype, enabled=enabled)
 
 
+def store(args):
+    """The feature-store folder of --store (None when off)."""
+    if args.store == "none":
+        return None
+    return Path(args.root) / ".cache" / "features" if args.store == "auto" else Path(args.store)
+
+
 def lr_at_epoch(epoch, lr, epochs, warmup_lr):
     """Dassl's schedule: epoch 0 at warmup_lr, then cosine over the epochs, stepped once per epoch."""
     if epoch == 0:
@@ -125,8 +136,8 @@ def train(model, prompt_learner, split, args, device, autocast):
     """SGD over the context only; one line per epoch."""
     resolution = model.visual.input_resolution
     train_transform = data.transform(resolution, train=True, crop_scale=split.crop_scale)
-    train_loader = data.loader(split.train, train_transform, args.batch_size, train=True, num_workers=args.workers,
-                               seed=args.seed)
+    batches = evaluation.training_batches(model, split.train, train_transform, args.batch_size, device, autocast,
+                                          args.seed, args.cache_views, store(args), args.dataset, args.workers)
     params = [p for p in prompt_learner.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     logit_scale = model.logit_scale.exp().float()
@@ -135,10 +146,8 @@ def train(model, prompt_learner, split, args, device, autocast):
         for group in optimizer.param_groups:
             group["lr"] = lr
         total_loss, correct, seen = 0.0, 0, 0
-        for images, labels in tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
-            images, labels = images.to(device), labels.to(device)
-            with torch.no_grad(), autocast():
-                image_features = F.normalize(model.encode_image(images).float(), dim=-1)  # (B, E)
+        for features, labels in tqdm(batches(), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
+            image_features = F.normalize(features, dim=-1)  # (B, E)
             logits = logit_scale * image_features @ text_features(model, prompt_learner, autocast).t()  # (B, K)
             loss = F.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)
@@ -152,14 +161,14 @@ def train(model, prompt_learner, split, args, device, autocast):
 
 
 @torch.no_grad()
-def evaluate(model, prompt_learner, items, classnames, args, device, autocast):
-    """Accuracy of the learned prompts on one test set: text features once, image features once."""
+def evaluate(model, prompt_learner, items, classnames, split_name, args, device, autocast):
+    """Accuracy of the learned prompts on one test set: text features once, image features once (or from the store)."""
     prompt_learner.set_classnames(model, classnames)
     weights = text_features(model, prompt_learner, autocast)  # (K, E)
-    loader = data.loader(items, data.transform(model.visual.input_resolution, train=False), 100, train=False,
-                         num_workers=args.workers)
-    features, labels = evaluation.image_features(model, loader, device, autocast)  # (N, E), (N,)
-    return evaluation.accuracy(features.to(device) @ weights.t(), labels.to(device))
+    transform = data.transform(model.visual.input_resolution, train=False)
+    features, labels = evaluation.stored_image_features(model, items, transform, args.dataset, split_name, store(args),
+                                                        device, autocast)  # (N, E) raw, (N,)
+    return evaluation.accuracy(F.normalize(features.to(device), dim=-1) @ weights.t(), labels.to(device))
 
 
 def main(argv=None):
@@ -192,11 +201,11 @@ def main(argv=None):
 
     results = {"method": "coop", "dataset": args.dataset, "seed": args.seed, "shots": args.shots, "backbone": backbone,
                "base_classnames": base_names, "new_classnames": new_names}
-    results["base_acc"] = evaluate(model, prompt_learner, *split.tests["base"], args, device, autocast)
+    results["base_acc"] = evaluate(model, prompt_learner, *split.tests["base"], "base", args, device, autocast)
     if args.csc:  # class-specific contexts exist only for the base classes
         results["new_acc"] = float("nan")
     else:
-        results["new_acc"] = evaluate(model, prompt_learner, *split.tests["new"], args, device, autocast)
+        results["new_acc"] = evaluate(model, prompt_learner, *split.tests["new"], "new", args, device, autocast)
     results["wall_time"] = time.time() - start
     results = evaluation.save_results(args.out, results)
     print(f"base {results['base_acc']:.2f}  new {results['new_acc']:.2f}  H {results['H']:.2f}  ({args.out})")

@@ -71,7 +71,7 @@ def _read_split_file(path, image_dir):
 
 def _read_folders(image_dir, classnames_file=None):
     """Folder-per-class tree -> items, classes in sorted folder order; names from an ImageNet classnames.txt if given."""
-    folders = sorted(d.name for d in image_dir.iterdir() if d.is_dir())
+    folders = sorted(d.name for d in image_dir.iterdir() if d.is_dir() and not d.name.startswith("."))  # no .cache
     names = {}
     if classnames_file is not None:
         for line in _need(classnames_file, "imagenet").read_text().splitlines():
@@ -79,7 +79,7 @@ def _read_folders(image_dir, classnames_file=None):
             names[wnid] = name
     items = []
     for label, folder in enumerate(folders):
-        for f in sorted((image_dir / folder).iterdir()):
+        for f in sorted(f for f in (image_dir / folder).iterdir() if not f.name.startswith(".")):  # no .DS_Store
             items.append((str(f), label, names.get(folder, classname(folder))))
     return items
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import clip
+import data
 
 
 def harmonic_mean(base, new):
@@ -97,6 +98,61 @@ def cached_image_features(store_dir, key, compute):
     features, labels = compute()
     atomic_write(path, lambda tmp: torch.save({"key": key, "features": features, "labels": labels}, tmp))
     return features, labels
+
+
+def stored_image_features(model, items, transform, dataset, split, store, device, autocast, fingerprint=None):
+    """(N, E) raw frozen image features and (N,) labels of `items`, through the feature store when `store` is a folder.
+
+    The key covers the image encoder's weights, dataset, split, transform and file list: every text-side method and
+    seed that evaluates the same test set with the same backbone reads the same file.
+    """
+    def compute():
+        loader = data.loader(items, transform, 100, train=False)
+        return image_features(model, loader, device, autocast, desc=f"{dataset} {split}", normalize=False)
+    if not store:
+        return compute()
+    key = store_key(fingerprint or model_fingerprint(model), dataset, split, transform, [p for p, _, _ in items])
+    return cached_image_features(store, key, compute)
+
+
+def training_batches(model, items, transform, batch_size, device, autocast, seed, views=0, store=None, dataset="",
+                     num_workers=None):
+    """epoch -> iterator over (raw image features (B, E), labels (B,)) of the few-shot training set, for text-side methods.
+
+    views = 0: online, the papers' way: every step augments and encodes its images.
+    views = K (--cache-views K): K augmented views of every image are encoded once (and stored); each epoch visits
+    every image once, through one of its K views drawn at random. This matches online augmentation in distribution
+    (a view is a draw of the same random transform), not bit for bit, and it reuses views when epochs > K.
+    """
+    g = torch.Generator().manual_seed(seed)
+    if not views:
+        loader = data.loader(items, transform, batch_size, train=True, num_workers=num_workers, seed=seed)
+
+        def online():
+            for images, labels in loader:
+                with torch.no_grad(), autocast():
+                    f = model.encode_image(images.to(device)).float()  # (B, E)
+                yield f, labels.to(device)
+        return online
+    fingerprint = model_fingerprint(model) if store else None
+    cached = []
+    for v in range(views):  # view v of every image: the train transform under its own seed, without touching ours
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1000 + v)
+            cached.append(stored_image_features(model, items, transform, dataset, f"train view {v}/{views} seed {seed}",
+                                                store, device, autocast, fingerprint)[0])
+    feats = torch.stack(cached).to(device)  # (K, N, E)
+    labels = torch.tensor([y for _, y, _ in items], device=device)  # (N,)
+    N = len(items)
+
+    def from_views():
+        order = torch.randperm(N, generator=g)
+        drop = N > batch_size and N % batch_size  # as the image loader: never drop the only batch
+        order = order[: N - (N % batch_size)] if drop else order
+        for idx in order.split(batch_size):
+            view = torch.randint(views, (len(idx),), generator=g)
+            yield feats[view.to(device), idx.to(device)], labels[idx.to(device)]
+    return from_views
 
 
 # ---------------------------------------------------------------------------------------------------------------

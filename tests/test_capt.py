@@ -82,7 +82,8 @@ def test_clip_is_bit_identical_after_a_step_and_trainables_move(tiny, argv):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params = {n: p.detach().clone() for n, p in module.named_parameters()}
     opt = torch.optim.SGD(module.parameters(), lr=0.5)
-    loss, _ = capt.step_loss(module, model, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), args, OFF, 100.0)
+    f = model.encode_image(torch.randn(4, 3, 32, 32))
+    loss, _ = capt.step_loss(module, model, f, torch.tensor([0, 1, 2, 3]), args, OFF, 100.0)
     loss.backward()
     opt.step()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -108,7 +109,7 @@ def test_decapt_fuses_on_base_and_uses_itm_only_on_new(tiny):
 def test_main_asks_for_fusion_on_base_only(tiny, tmp_path, monkeypatch):
     calls = []
     real = capt.evaluate
-    monkeypatch.setattr(capt, "evaluate", lambda *a: calls.append((a[3], a[4])) or real(*a))
+    monkeypatch.setattr(capt, "evaluate", lambda *a: calls.append((a[3], a[5])) or real(*a))
     capt.main(argv(tiny, tmp_path, "--decapt"))
     assert calls == [(sorted(NAMES)[:3], True), (sorted(NAMES)[3:], False)]
 

@@ -208,3 +208,48 @@ def test_imagenet_variants_are_test_sets(tmp_path, name):
     write_images([base / layout["images"] / f / f"{i}.jpg" for f in folders for i in range(2)])
     ds = data.load_dataset(name, tmp_path)
     assert ds.train == [] and ds.classnames == ["tench", "goldfish"] and len(ds.test) == 4
+
+
+def test_folder_reader_skips_hidden_folders_and_files(tiny, tmp_path):
+    import shutil
+    shutil.copytree(tiny / "ds" / "train", tmp_path / "ds")
+    (tmp_path / "ds" / ".cache" / "features").mkdir(parents=True)  # the default feature store lives here
+    (tmp_path / "ds" / "red circle" / ".DS_Store").write_bytes(b"\0")
+    ds = data.load_dataset("folder", tmp_path / "ds")
+    assert len(ds.classnames) == 5 and not any(Path(p).name.startswith(".") for p, _, _ in ds.train + ds.test)
+
+
+def test_scripts_read_test_features_from_the_store_the_second_time(tiny, tmp_path, monkeypatch):
+    import coop
+    argv = ["--dataset", "folder", "--root", str(tiny / "ds"), "--backbone", str(tiny / "clip.pt"), "--shots", "2",
+            "--epochs", "1", "--device", "cpu", "--workers", "0", "--out", str(tmp_path / "run"),
+            "--store", str(tmp_path / "store")]
+    first = coop.main(argv)
+    assert len(list((tmp_path / "store").glob("*.pt"))) == 2  # base and new test sets
+
+    def fail(*a, **k):
+        raise AssertionError("the image encoder ran although the store holds these features")
+    monkeypatch.setattr(evaluation, "image_features", fail)
+    again = coop.main(argv + ["--eval-only"])
+    assert (again["base_acc"], again["new_acc"]) == (first["base_acc"], first["new_acc"])
+
+
+def test_cached_views_visit_every_image_once_per_epoch_through_a_stored_view(tiny, tmp_path):
+    import clip
+    model, _ = clip.load(str(tiny / "clip.pt"))
+    items = data.load_dataset("folder", tiny / "ds").train  # 15 images
+    tf = data.transform(32, train=True)
+    off = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    batches = evaluation.training_batches(model, items, tf, 4, "cpu", off, seed=1, views=3, store=tmp_path, dataset="t")
+    assert len(list(tmp_path.glob("*.pt"))) == 3  # one stored file per view
+    views = torch.stack([evaluation.cached_image_features(tmp_path, k, None)[0] for k in sorted(
+        p.stem for p in tmp_path.glob("*.pt"))])  # (3, 15, E)
+    assert not torch.allclose(views[0], views[1])  # the views are different augmentations
+    for _ in range(2):
+        seen = []
+        for f, y in batches():
+            for row, label in zip(f, y):
+                i = [j for j in range(len(items)) if any(torch.equal(row, views[v, j]) for v in range(3))]
+                assert len(i) == 1 and items[i[0]][1] == label  # a stored view of one image, with its label
+                seen.append(i[0])
+        assert len(seen) == len(set(seen)) == 12  # each image at most once; 15 images -> 3 full batches of 4
