@@ -35,59 +35,64 @@ import argparse
 import json
 import math
 import os
-import random
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import clip
+import data
+import eval as evaluation
 
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="world", help="data.py dataset name, or cub / nabirds (read here)")
-    p.add_argument("--root", default="data", help="folder holding the datasets")
-    p.add_argument("--shots", type=int, default=16, help="images per class (0 = full train split)")
-    p.add_argument("--seed", type=int, default=1, help="few-shot split and training seed")
-    p.add_argument("--backbone", default="auto", help="CLIP name or checkpoint path; auto = data.default_backbone")
-    p.add_argument("--epochs", type=int, default=100, help="training epochs (paper VTAB configs: 100)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size, B/2 classes x 2 images (paper: 32)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr (configs: 5e-5 .. 1e-2; 1e-3 is the most common)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast dtype of the frozen encoder on CUDA; CPU runs fp32")
-    p.add_argument("--out", default="runs/davpt", help="output folder")
-    p.add_argument("--eval-only", action="store_true", help="load OUT/davpt.pt and only evaluate")
-    p.add_argument("--download", action="store_true", help="let data.py download what it can")
-    p.add_argument("--setting", default="base2new", choices=["base2new", "fewshot"], help="data.prepare setting")
-    # method
-    p.add_argument("--head", default="linear", choices=["linear", "text"],
-                   help="linear probe (paper) or CLIP's frozen zero-shot text head (base-to-new)")
-    p.add_argument("--guided-layers", default="-1", help="comma-separated guided block indices (paper: last)")
-    p.add_argument("--num-guided", type=int, default=10, help="M_g prompts per guided layer (code default 10)")
-    p.add_argument("--num-other", type=int, default=20, help="M_o prompts per other layer (code default 20)")
-    p.add_argument("--init-divide-by8", action="store_true", help="divide the xavier init by 8 (most ViT-B configs)")
-    p.add_argument("--prompt-mask", action="store_true", help="prompts attend only to patches (several FGVC configs)")
-    p.add_argument("--beta", type=float, default=0.01, help="weight of the tokens<->prompts loss (VTAB configs 0.01)")
-    p.add_argument("--lam", type=float, default=0.01, help="weight of the [CLS] query<->prompts loss (VTAB: 0.01)")
-    p.add_argument("--alpha", type=float, default=32.0, help="Proxy-Anchor scale (code: 32)")
-    p.add_argument("--delta", type=float, default=0.1, help="Proxy-Anchor margin (code: 0.1)")
-    p.add_argument("--sigma", type=float, default=5.0, help="similarity scale, s = sigma*cos (code: 5)")
-    p.add_argument("--token-feature", default="attn-out", choices=["attn-out", "mean-patch"],
-                   help="attn-out = attention output at the assigned prompt (paper); mean-patch = released code")
-    p.add_argument("--dynamic-kmeans", type=int, default=1, help="re-run k-means at every epoch end from this epoch on")
-    p.add_argument("--kmeans-images", type=int, default=10, help="images per class for the initial mapping (code: 10)")
-    p.add_argument("--tune-bias", default="none", choices=["none", "kv", "all"], help="none = DA-VPT, kv = DA-VPT+")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on prompts (FGVC configs 0.05)")
-    p.add_argument("--wd-head", type=float, default=3.0, help="weight decay of the linear head weight (configs 3-5)")
-    p.add_argument("--warmup-epochs", type=int, default=10, help="linear warm-up epochs (code: 10)")
-    p.add_argument("--vtab1k", action="store_true", help="VTAB-1k style: 800 train / 200 val images")
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    p.add_argument("--clip-grad", type=float, default=10.0, help="gradient value clipping (code: 10)")
-    return p.parse_args(argv)
+parser = argparse.ArgumentParser(description="DA-VPT: distribution-aware visual prompt tuning on CLIP's ViT")
+# shared by every method script
+parser.add_argument("--dataset", default="world",
+                    help="dataset name (see data.DATASETS), 'folder', or an FGVC set read here: cub, nabirds, dogs")
+parser.add_argument("--root", default="data", help="folder holding the datasets (for cub/nabirds/dogs: that dataset)")
+parser.add_argument("--shots", type=int, default=16, help="images per class (0 = the full train split, the paper)")
+parser.add_argument("--seed", type=int, default=1, help="few-shot split and training seed")
+parser.add_argument("--backbone", default="auto",
+                    help="OpenAI model name (ViT-B/16 ...) or checkpoint path; auto = the world's CLIP on world, else ViT-B/16")
+parser.add_argument("--epochs", type=int, default=100, help="training epochs (paper: 100)")
+parser.add_argument("--batch-size", type=int, default=32, help="batch size, B/2 classes x 2 images (paper: 32)")
+parser.add_argument("--lr", type=float, default=1e-3, help="AdamW lr (configs: 5e-5 .. 1e-2; 1e-3 is the most common)")
+parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ...; auto = cuda if available")
+parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="autocast dtype of the frozen encoder on CUDA (auto = bf16 on CUDA, fp32 on CPU)")
+parser.add_argument("--out", default=None, help="run folder (default runs/davpt/<dataset>/shots<k>_seed<s>)")
+parser.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint saved in --out, no training")
+parser.add_argument("--download", action="store_true", help="fetch the dataset with torchvision if it is missing")
+parser.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(4, cores))")
+parser.add_argument("--setting", default="base2new", choices=["base2new", "fewshot"],
+                    help="base2new (text head) or fewshot = all classes (the linear probe's closed set)")
+# method (the paper's defaults; the released configs vary them per dataset, see the notes in the docstring)
+parser.add_argument("--head", default="linear", choices=["linear", "text"],
+                    help="linear probe (paper) or CLIP's frozen zero-shot text head (base-to-new)")
+parser.add_argument("--guided-layers", default="-1", help="comma-separated guided block indices (paper: last)")
+parser.add_argument("--num-guided", type=int, default=10, help="M_g prompts per guided layer (code default 10)")
+parser.add_argument("--num-other", type=int, default=20, help="M_o prompts per other layer (code default 20)")
+parser.add_argument("--init-divide", type=float, default=8.0,
+                    help="divide the xavier init by this (most ViT-B configs: 8; 1 = plain xavier)")
+parser.add_argument("--prompt-mask", action="store_true", help="prompts attend only to patches (several FGVC configs)")
+parser.add_argument("--beta", type=float, default=0.01, help="weight of the tokens<->prompts loss (VTAB configs 0.01)")
+parser.add_argument("--lam", type=float, default=0.01, help="weight of the [CLS] query<->prompts loss (VTAB: 0.01)")
+parser.add_argument("--alpha", type=float, default=32.0, help="Proxy-Anchor scale (code: 32)")
+parser.add_argument("--delta", type=float, default=0.1, help="Proxy-Anchor margin (code: 0.1)")
+parser.add_argument("--sigma", type=float, default=5.0, help="similarity scale, s = sigma*cos (code: 5)")
+parser.add_argument("--token-feature", default="attn-out", choices=["attn-out", "mean-patch"],
+                    help="attn-out = attention output at the assigned prompt (paper); mean-patch = released code")
+parser.add_argument("--dynamic-kmeans", type=int, default=1, help="re-run k-means at every epoch end from this epoch on")
+parser.add_argument("--kmeans-images", type=int, default=10, help="images per class for the initial mapping (code: 10)")
+parser.add_argument("--tune-bias", default="none", choices=["none", "kv", "all"], help="none = DA-VPT, kv = DA-VPT+")
+parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on prompts (FGVC configs 0.05)")
+parser.add_argument("--wd-head", type=float, default=3.0, help="weight decay of the linear head weight (configs 3-5)")
+parser.add_argument("--warmup-epochs", type=int, default=10, help="linear warm-up epochs (code: 10)")
+parser.add_argument("--vtab1k", action="store_true", help="VTAB-1k style: 800 train / 200 val images")
+parser.add_argument("--clip-grad", type=float, default=10.0, help="gradient value clipping (code: 10)")
 
 
 # ----------------------------------------------------------------------------------------------- losses, k-means
@@ -130,7 +135,7 @@ def cosine_kmeans(feats, k, init=None, iters=20, tol=1e-4, generator=None):
 class DAVPT(nn.Module):
     """Prompts for every block of CLIP's ViT, optional b_V deltas, a head, and the prompted forward + ML losses."""
 
-    def __init__(self, clip_model, num_classes, guided, num_guided, num_other, divide_by8=False, prompt_mask=False,
+    def __init__(self, clip_model, num_classes, guided, num_guided, num_other, init_divide=1.0, prompt_mask=False,
                  tune_bias="none", head="linear", text_weights=None):
         super().__init__()
         self.clip = clip_model
@@ -147,8 +152,7 @@ class DAVPT(nn.Module):
         for t in (self.proxy_prompts, self.other_prompts):
             if t.numel():
                 nn.init.xavier_uniform_(t)  # on the whole 3-D tensor, as the code
-                if divide_by8:
-                    t.data /= 8
+                t.data /= init_divide
         self.slot = {l: ("proxy", i) for i, l in enumerate(self.guided)}
         self.slot |= {l: ("other", i) for i, l in enumerate(other)}
         self.dv = nn.Parameter(torch.zeros(L, D)) if tune_bias in ("kv", "all") else None  # b_V deltas (L, D)
@@ -216,20 +220,6 @@ class DAVPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- data helpers
-class ImageList(torch.utils.data.Dataset):
-    def __init__(self, items, tf):
-        self.items, self.tf = items, tf
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        path, label = self.items[i][0], self.items[i][1]
-        with Image.open(path) as im:
-            return self.tf(im.convert("RGB")), label
-
-
 def balanced_batches(labels, batch_size, generator):
     """Class-balanced batches for one epoch: batch_size/2 classes x 2 images (the code's class sampler)."""
     by_class = {}
@@ -294,6 +284,26 @@ def read_cub_style(root):
     return train, test, names
 
 
+def read_vpt_json(root, image_dir="Images"):
+    """Stanford Dogs as DA-VPT's code reads it: VPT's split files train.json / test.json ({relative path: label}) next
+    to the official Images/<wnid>-<Breed>/ folders. Returns (train items, test items, classnames)."""
+    missing = [n for n in ("train.json", "test.json", image_dir) if not os.path.exists(os.path.join(root, n))]
+    if missing:
+        raise FileNotFoundError(f"{root} lacks {missing}: point --root at the Stanford Dogs folder holding Images/ and "
+                                f"VPT's train.json / test.json split files")
+    splits = {s: json.load(open(os.path.join(root, f"{s}.json"))) for s in ("train", "test")}
+    names = {}
+    for rel, label in splits["train"].items():  # "n02085620-Chihuahua/n02085620_10074.jpg" -> "Chihuahua"
+        names.setdefault(int(label), rel.split("/")[0].split("-", 1)[-1].replace("_", " "))
+    names = [names[i] for i in sorted(names)]
+    items = {s: [(os.path.join(root, image_dir, rel), int(y), names[int(y)]) for rel, y in sorted(splits[s].items())]
+             for s in splits}
+    return items["train"], items["test"], names
+
+
+FGVC = {"cub": read_cub_style, "nabirds": read_cub_style, "dogs": read_vpt_json}
+
+
 def vtab1k(items, seed):
     """VTAB-1k style split of a training list: (800 train, 200 val), drawn with a fixed seed."""
     if len(items) < 1000:
@@ -302,23 +312,16 @@ def vtab1k(items, seed):
     return [items[i] for i in order[:800]], [items[i] for i in order[800:1000]]
 
 
-def atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------- train / eval
 def lr_at(step, total, warmup, base_lr):
     if step < warmup:
         return base_lr * (step + 1) / warmup
     return 0.5 * base_lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train(model, train_items, num_classes, tf_train, args, device, amp):
+def train(model, train_items, num_classes, tf_train, args, device, autocast):
     g = torch.Generator().manual_seed(args.seed)
     labels = [it[1] for it in train_items]
-    ds = ImageList(train_items, tf_train)
+    ds = data.ImageList(train_items, tf_train)
     # initial mapping from the frozen encoder on up to 10 images per class
     sub, seen = [], {}
     for i, c in enumerate(labels):
@@ -326,7 +329,7 @@ def train(model, train_items, num_classes, tf_train, args, device, amp):
             sub.append(i)
             seen[c] = seen.get(c, 0) + 1
     sub_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, sub), batch_size=args.batch_size)
-    with amp():
+    with autocast():
         means = class_means(model.clip.encode_image, sub_loader, num_classes, device)
     mapping, cent = initial_mapping(means, model.M_g, args.seed)
     mapping = mapping.to(device)
@@ -345,11 +348,13 @@ def train(model, train_items, num_classes, tf_train, args, device, amp):
         sums = torch.zeros(num_classes, model.clip.visual.proj.shape[1], device=device)
         counts = torch.zeros(num_classes, device=device)
         batches = balanced_batches(labels, args.batch_size, g)
-        for images, y in torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=args.workers):
+        workers = min(4, os.cpu_count() or 1) if args.workers is None else args.workers
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers)
+        for images, y in tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
             images, y = images.to(device), y.to(device)
             for grp in opt.param_groups:
                 grp["lr"] = lr_at(step, total, warmup, args.lr)
-            with amp():
+            with autocast():
                 feats, ml = model(images, mapping[y], args.alpha, args.delta, args.sigma, args.token_feature)
             ce = F.cross_entropy(model.logits(feats), y)
             loss = ce + sum(args.beta * t + args.lam * c for t, c in ml) / len(ml)
@@ -371,87 +376,96 @@ def train(model, train_items, num_classes, tf_train, args, device, amp):
 
 
 @torch.no_grad()
-def evaluate(model, items, tf_test, batch_size, device, amp):
+def evaluate(model, items, tf_test, args, device, autocast):
+    """Top-1 accuracy of the prompted encoder + head on one test set."""
     model.eval()
-    loader = torch.utils.data.DataLoader(ImageList(items, tf_test), batch_size=batch_size)
     correct = total = 0
-    for images, y in loader:
-        with amp():
+    for images, y in tqdm(data.loader(items, tf_test, 100, train=False, num_workers=args.workers), desc="test",
+                          leave=False):
+        with autocast():
             feats, _ = model(images.to(device))
         correct += (model.logits(feats).argmax(1).cpu() == y).sum().item()
         total += len(y)
     return 100.0 * correct / max(1, total)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    import data  # the shared helpers (imported here so the model code above is usable without them)
-    import eval as evaluation
-    print(json.dumps(vars(args), indent=1))
-    t0 = time.time()
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
-    on_gpu = device.startswith("cuda") and dtype is not None
-    amp = lambda: torch.autocast("cuda", dtype=dtype) if on_gpu else torch.autocast("cpu", enabled=False)
-    backbone = data.default_backbone(args.dataset, args.root) if args.backbone == "auto" else args.backbone
-    clip_model, _ = clip.load(backbone, device="cpu")
-    clip_model = clip_model.float().to(device)
-    if args.dataset in ("cub", "nabirds"):  # FGVC readers that data.py lacks (closed set, as in the paper)
-        train_items, test_items, names = read_cub_style(args.root)
+# Copied from coop.py: resolve_device
+def resolve_device(device, precision):
+    """(device, autocast factory): bf16 autocast for the frozen encoders on CUDA by default, fp32 on CPU."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    precision = ("bf16" if device.startswith("cuda") else "fp32") if precision == "auto" else precision
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    enabled = dtype != torch.float32
+    return device, lambda: torch.autocast(device.split(":")[0], dtype=dtype, enabled=enabled)
+
+
+def load_split(args):
+    """data.prepare's split, or an FGVC dataset read here (closed set: train on all classes, test on all)."""
+    if args.dataset in FGVC:
+        train_items, test_items, names = FGVC[args.dataset](args.root)
         if args.shots > 0 and not args.vtab1k:
             train_items = data.fewshot(train_items, args.shots, args.seed)
+        template = "a photo of a {}, a type of dog." if args.dataset == "dogs" else "a photo of a {}, a type of bird."
         split = SimpleNamespace(train=train_items, train_classnames=names, tests={"all": (test_items, names)},
-                                template="a photo of a {}, a type of bird.", crop_scale=(0.08, 1.0))
+                                template=template, crop_scale=(0.08, 1.0))
     else:
         shots = 0 if args.vtab1k else args.shots
         split = data.prepare(args.dataset, args.root, shots, args.seed, setting=args.setting, download=args.download)
     if args.vtab1k:  # train on 800 images of the full train split, report the 200 held out as "val"
         split.train, val_items = vtab1k(split.train, args.seed)
         split.tests["val"] = (val_items, split.train_classnames)
+    return split
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    device, autocast = resolve_device(args.device, args.precision)
+    args.out = args.out or f"runs/davpt/{args.dataset}/shots{args.shots}_seed{args.seed}"
+    backbone = data.default_backbone(args.dataset, args.root) if args.backbone == "auto" else args.backbone
+    print(json.dumps(vars(args) | {"backbone": backbone, "device": device}, indent=2))
+    start = time.time()
+
+    clip_model, _ = clip.load(backbone, device=device)
+    split = load_split(args)
     C = len(split.train_classnames)
     text_w = evaluation.zeroshot_weights(clip_model, split.train_classnames, split.template, device) \
         if args.head == "text" else None
-    guided = [int(s) for s in args.guided_layers.split(",")]
-    model = DAVPT(clip_model, C, guided, args.num_guided, args.num_other, args.init_divide_by8, args.prompt_mask,
+    guided = [int(g) for g in args.guided_layers.split(",")]
+    model = DAVPT(clip_model, C, guided, args.num_guided, args.num_other, args.init_divide, args.prompt_mask,
                   args.tune_bias, args.head, text_w).to(device)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_clip = sum(p.numel() for p in clip_model.visual.parameters())
-    print("trainable:", [k for k, p in model.named_parameters() if p.requires_grad])
-    print(f"trainable parameters: {n_train} ({100 * n_train / n_clip:.3f}% of the image encoder)")
-    os.makedirs(args.out, exist_ok=True)
-    ckpt = os.path.join(args.out, "davpt.pt")
+    print(f"trainable: {[k for k, p in model.named_parameters() if p.requires_grad]}")
+    print(f"trainable parameters: {n_train:,} ({100 * n_train / n_clip:.3f}% of the image encoder)")
+    checkpoint = Path(args.out) / "checkpoint.pt"
     res = clip_model.visual.input_resolution
     if args.eval_only:
-        state = torch.load(ckpt, map_location=device, weights_only=True)
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
         bad = model.load_state_dict(state["trainable"], strict=False).unexpected_keys
         if bad:
-            raise KeyError(f"{ckpt} does not match these flags (unexpected {bad}); use the flags it was trained with")
+            raise KeyError(f"{checkpoint} does not match these flags (unexpected {bad}); use the flags it was trained with")
     else:
-        mapping = train(model, split.train, C, data.transform(res, True, split.crop_scale), args, device, amp)
-        atomic_save({"trainable": model.trainable_state(), "mapping": mapping.cpu()}, ckpt)
+        evaluation.save_json(Path(args.out) / "args.json", vars(args) | {"backbone": backbone})
+        mapping = train(model, split.train, C, data.transform(res, True, split.crop_scale), args, device, autocast)
+        state = {"trainable": model.trainable_state(), "mapping": mapping.cpu(), "args": vars(args)}
+        evaluation.atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))  # never a half-written checkpoint
+
     accs = {}
     for name, (items, classnames) in split.tests.items():
         if args.head == "linear" and list(classnames) != list(split.train_classnames):
-            print(f"skip '{name}': the linear head knows only the training classes")
+            print(f"skip '{name}': the linear head knows only the training classes (use --head text for new classes)")
             continue
         if args.head == "text":
             model.text_weights = evaluation.zeroshot_weights(clip_model, classnames, split.template, device).float()
-        accs[name] = evaluate(model, items, data.transform(res, False), args.batch_size, device, amp)
+        accs[name] = evaluate(model, items, data.transform(res, False), args, device, autocast)
         print(f"{name} accuracy: {accs[name]:.2f}")
-    base = accs.get("base", accs.get("all"))
-    new = accs.get("new")
-    results = {"dataset": args.dataset, "seed": args.seed, "shots": args.shots, "method": "davpt", "backbone": backbone,
+    base, new = accs.get("base", accs.get("all")), accs.get("new")
+    results = {"method": "davpt", "dataset": args.dataset, "seed": args.seed, "shots": args.shots, "backbone": backbone,
                "base_classnames": list(split.tests.get("base", split.tests.get("all", ([], [])))[1]),
                "new_classnames": list(split.tests.get("new", ([], []))[1]), "base_acc": base, "new_acc": new,
-               "H": evaluation.harmonic_mean(base, new) if (base is not None and new is not None) else None,
-               "trainable_params": n_train, "wall_time": time.time() - t0}
-    with open(os.path.join(args.out, "args.json") + ".tmp", "w") as f:
-        json.dump(vars(args), f, indent=1)
-    os.replace(os.path.join(args.out, "args.json") + ".tmp", os.path.join(args.out, "args.json"))
-    evaluation.save_results(args.out, results)
-    return results
+               "trainable_params": n_train, "wall_time": time.time() - start}
+    return evaluation.save_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -209,3 +209,16 @@ def test_cub_reader_and_vtab1k(tmp_path):
     items = list(range(1500))
     tr, va = davpt.vtab1k(items, 0)
     assert len(tr) == 800 and len(va) == 200 and not set(tr) & set(va) and davpt.vtab1k(items, 0) == (tr, va)
+
+
+def test_stanford_dogs_reader_reads_vpt_json_splits(tmp_path):
+    root = tmp_path / "StanfordDogs"
+    (root / "Images" / "n02085620-Chihuahua").mkdir(parents=True)
+    (root / "train.json").write_text(json.dumps({"n02085620-Chihuahua/a.jpg": 0, "n02085782-Japanese_spaniel/b.jpg": 1}))
+    (root / "test.json").write_text(json.dumps({"n02085782-Japanese_spaniel/c.jpg": 1}))
+    train, test, names = davpt.read_vpt_json(str(root))
+    assert names == ["Chihuahua", "Japanese spaniel"]
+    assert train[0] == (str(root / "Images/n02085620-Chihuahua/a.jpg"), 0, "Chihuahua")
+    assert test == [(str(root / "Images/n02085782-Japanese_spaniel/c.jpg"), 1, "Japanese spaniel")]
+    with pytest.raises(FileNotFoundError, match="train.json"):
+        davpt.read_vpt_json(str(tmp_path))
