@@ -59,12 +59,15 @@ import clip
 import data
 import eval as evaluation
 
-parser = argparse.ArgumentParser(description="CaPT / DeCaPT: class-adaptive prompt tuning (base-to-new protocol)")
+parser = argparse.ArgumentParser(description="CaPT / DeCaPT: class-adaptive prompt tuning")
+METHOD = "capt"
 # shared by every method script
-parser.add_argument("--dataset", default="world", help="dataset name (see data.DATASETS), or 'folder'")
+parser.add_argument("--dataset", nargs="+", default=None,
+                    help="dataset name(s) (see data.DATASETS), or 'folder'; default world (imagenet for crossdataset)")
 parser.add_argument("--root", default="data", help="folder holding the datasets (CoOp's layout)")
 parser.add_argument("--shots", type=int, default=16, help="training images per class (papers: 16)")
-parser.add_argument("--seed", type=int, default=1, help="seed of the few-shot sample and the training (papers: 1 2 3)")
+parser.add_argument("--seed", type=int, nargs="+", default=[1],
+                    help="seed(s) of the few-shot sample and the training (papers: 1 2 3); one run per dataset and seed")
 parser.add_argument("--backbone", default="auto",
                     help="OpenAI model name (ViT-B/16 ...) or checkpoint path; auto = the world's CLIP on world, else ViT-B/16")
 parser.add_argument("--epochs", type=int, default=10, help="training epochs (CaPT: 10)")
@@ -73,12 +76,20 @@ parser.add_argument("--lr", type=float, default=0.0035, help="SGD learning rate 
 parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ...; auto = cuda if available")
 parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="autocast dtype of the frozen encoders on CUDA (auto = bf16 on CUDA, fp32 on CPU)")
-parser.add_argument("--out", default=None, help="run folder (default runs/<method>/<dataset>/shots<k>_seed<s>)")
+parser.add_argument("--out", default=None,
+                    help="run folder of a single run; for several, their parent (default runs/capt/<setting>/<dataset>/shots<k>_seed<s>)")
 parser.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint saved in --out, no training")
 parser.add_argument("--download", action="store_true", help="fetch the dataset with torchvision if it is missing")
 parser.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(4, cores))")
 parser.add_argument("--store", default="auto",
                     help="feature store for frozen image features (auto = <root>/.cache/features; none = off)")
+parser.add_argument("--setting", default="base2new", choices=["base2new", "fewshot", "crossdataset"],
+                    help="base2new: train base, test base and new; fewshot: all classes; crossdataset: train on the "
+                         "source, test on --targets")
+parser.add_argument("--targets", nargs="+", default=data.CROSS_TARGETS,
+                    help="crossdataset: datasets evaluated with their own class names and templates")
+parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished epoch")
+parser.add_argument("--force", action="store_true", help="redo runs that already have results.json")
 parser.add_argument("--cache-views", type=int, default=0,
                     help="K > 0: encode K augmented views of each training image once and train on features")
 # method (None = the released config of the chosen setting, CaPT configs / A.8 of the notes)
@@ -214,10 +225,11 @@ class CaPT(nn.Module):
         self.decapt = args.decapt
 
     @torch.no_grad()
-    def set_classnames(self, model, classnames, autocast):
+    def set_classnames(self, model, classnames, autocast, template=None):
         """Rebuild the prompts' fixed tokens and the TCI for a class list (once per list, never per batch)."""
         self.prompt_learner.set_classnames(model, classnames)
-        tokens = clip.tokenize([self.template.format(c) for c in classnames]).to(self.noise.device)
+        template = template or self.template  # a cross-dataset target's TCI uses that dataset's template
+        tokens = clip.tokenize([template.format(c) for c in classnames]).to(self.noise.device)
         with autocast():
             self.tci = model.encode_text(tokens).float()  # (K, E) unnormalised TCI = CLIP's hand-crafted features
         tci = F.normalize(self.tci, dim=-1)
@@ -303,7 +315,7 @@ def step_loss(capt, model, f, labels, args, autocast, logit_scale):
 
 
 def train(capt, model, split, args, device, autocast):
-    """SGD over context, meta-net (and CAT head at lr x cat-lr-mult); one line per epoch."""
+    """SGD over context, meta-net (and CAT head at lr x cat-lr-mult); one line per epoch; a snapshot at each end."""
     resolution = model.visual.input_resolution
     train_transform = data.transform(resolution, train=True, crop_scale=split.crop_scale)
     batches = evaluation.training_batches(model, split.train, train_transform, args.batch_size, device, autocast,
@@ -312,13 +324,14 @@ def train(capt, model, split, args, device, autocast):
     rest = [p for n, p in capt.named_parameters() if not n.startswith(("film_", "classifier"))]
     groups = [{"params": rest, "base_lr": args.lr}] + ([{"params": head, "base_lr": args.lr * args.cat_lr_mult}] if head else [])
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    start = resume(capt, optimizer, args)
     logit_scale = model.logit_scale.exp().float()
-    for epoch in range(args.epochs):
+    for epoch in range(start, args.epochs):
         for group in optimizer.param_groups:  # the warm-up epoch sets every group to warmup_lr
             group["lr"] = lr_at_epoch(epoch, group["base_lr"], args.epochs, args.warmup_lr)
         capt.train()
         total_loss, correct, seen = 0.0, 0, 0
-        for features, labels in tqdm(batches(), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
+        for features, labels in tqdm(batches(epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
             loss, logits = step_loss(capt, model, features, labels, args, autocast, logit_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -328,11 +341,15 @@ def train(capt, model, split, args, device, autocast):
             seen += len(labels)
         print(f"epoch {epoch + 1}/{args.epochs}  loss {total_loss / seen:.4f}  train acc {100 * correct / seen:.1f}  "
               f"lr {optimizer.param_groups[0]['lr']:.2e}")
+        snapshot(capt, optimizer, epoch, args)
 
 
 @torch.no_grad()
-def predict(capt, model, f, fuse, args, autocast):
-    """(N, K) logits from raw image features f (N, E). fuse: DeCaPT on base classes, (1-lambda)*ITM + lambda*CAT."""
+def predict(capt, model, f, rows, args, autocast):
+    """(N, K) logits from raw image features f (N, E).
+
+    rows: None = ITM only; else DeCaPT's fusion (1-lambda)*ITM + lambda*CAT with the CAT head's outputs `rows`
+    (slice(None) for the trained classes, the ImageNet labels of ImageNet-A/-R's 200 classes, ...)."""
     logit_scale = model.logit_scale.exp().float()
     eot = capt.prompt_learner.eot_idx
     if capt.condition == "image":  # per-image prompts: B x K prompts per batch of images
@@ -340,47 +357,45 @@ def predict(capt, model, f, fuse, args, autocast):
                                        logit_scale) for fb in f.split(args.batch_size * 8)])  # (N, K)
     else:
         logits = itm_logits(f, encode_prompts(model, capt.prompts(capt.offsets()), eot, autocast, args.chunk), logit_scale)
-    if not fuse:
+    if rows is None:
         return logits
-    cat_logits = capt.classifier(capt.film_image(f))  # (N, K) the CAT head, base classes only
+    cat_logits = capt.classifier(capt.film_image(f))[:, rows]  # (N, K) the CAT head, trained classes only
     if args.fusion == "probs":  # DePT's paper: fuse probabilities
         return (1 - args.cat_weight) * logits.softmax(-1) + args.cat_weight * cat_logits.softmax(-1)
     return (1 - args.cat_weight) * logits + args.cat_weight * cat_logits  # DePT's code: fuse logits
 
 
 @torch.no_grad()
-def evaluate(capt, model, items, classnames, split_name, fuse, args, device, autocast):
-    """Accuracy on one test set: text features once per class list (per image batch for the image condition)."""
+def evaluate(capt, model, items, classnames, key, template, rows, args, device, autocast):
+    """Accuracy on one test set: text features once per class list (per image batch for the image condition).
+
+    key: (dataset, split) naming the test set in the feature store; rows: see predict."""
     capt.eval()
-    capt.set_classnames(model, classnames, autocast)
+    capt.set_classnames(model, classnames, autocast, template)
     transform = data.transform(model.visual.input_resolution, train=False)
-    f, labels = evaluation.stored_image_features(model, items, transform, args.dataset, split_name, store(args), device,
+    f, labels = evaluation.stored_image_features(model, items, transform, *key, store(args), device,
                                                  autocast)  # (N, E) raw: the CAT head reads unnormalised features
-    return evaluation.accuracy(predict(capt, model, f.to(device), fuse, args, autocast), labels.to(device))
+    return evaluation.accuracy(predict(capt, model, f.to(device), rows, args, autocast), labels.to(device))
 
 
-def main(argv=None):
-    args = parser.parse_args(argv)
+def run(args):
+    """One run: one dataset, one seed, one setting. Writes args.json, checkpoint.pt and results.json in args.out."""
     if args.decapt:
         if args.condition != "text":
             raise SystemExit("--decapt is KgCoOp + CaPT with the text condition; drop --condition")
         args.base = "kgcoop"
-    setting = "decapt" if args.decapt else args.base
-    for name, value in zip(("scale", "hidden", "dropout", "epsilon"), SETTINGS[setting]):
+    for name, value in zip(("scale", "hidden", "dropout", "epsilon"), SETTINGS["decapt" if args.decapt else args.base]):
         if getattr(args, name) is None:
             setattr(args, name, value)
-    method = "decapt" if args.decapt else f"{args.base}+{args.condition}"
     torch.manual_seed(args.seed)
     device, autocast = resolve_device(args.device, args.precision)
-    args.out = args.out or f"runs/{method}/{args.dataset}/shots{args.shots}_seed{args.seed}"
     backbone = data.default_backbone(args.dataset, args.root) if args.backbone == "auto" else args.backbone
     print(json.dumps(vars(args) | {"backbone": backbone, "device": device}, indent=2))
     start = time.time()
 
     model, _ = clip.load(backbone, device=device)
     model.requires_grad_(False)  # CLIP stays frozen
-    split = data.prepare(args.dataset, args.root, args.shots, args.seed, download=args.download)
-    base_names, new_names = split.tests["base"][1], split.tests["new"][1]
+    split = data.prepare(args.dataset, args.root, args.shots, args.seed, args.setting, args.download, args.targets)
     capt = CaPT(model, split.train_classnames, split.template, args).to(device)
     capt.set_classnames(model, split.train_classnames, autocast)
     n_params = sum(p.numel() for p in capt.parameters())
@@ -395,17 +410,80 @@ def main(argv=None):
         evaluation.save_json(Path(args.out) / "train_files.json", split.train_files)
         train(capt, model, split, args, device, autocast)
         state = {"state_dict": {k: v.detach().cpu() for k, v in capt.state_dict().items()}, "args": vars(args),
-                 "classnames": base_names}
+                 "classnames": split.train_classnames}
         evaluation.atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))  # never a half-written checkpoint
 
-    results = {"method": method, "dataset": args.dataset, "seed": args.seed, "shots": args.shots, "backbone": backbone,
-               "base_classnames": base_names, "new_classnames": new_names}
-    results["base_acc"] = evaluate(capt, model, *split.tests["base"], "base", args.decapt, args, device, autocast)
-    results["new_acc"] = evaluate(capt, model, *split.tests["new"], "new", False, args, device, autocast)  # ITM only
+    method = "decapt" if args.decapt else f"{args.base}+{args.condition}"
+    results = {"method": method, "setting": args.setting, "dataset": args.dataset, "seed": args.seed,
+               "shots": args.shots, "backbone": backbone}
+    accs = {}
+    for name, (items, classnames) in split.tests.items():
+        # DeCaPT fuses the CAT head only on classes it was trained on: base / all / the source, and ImageNet's variants
+        # through their ImageNet labels; new classes and other datasets get the ITM head only.
+        rows = slice(None) if name in ("base", "all") else split.imagenet_rows.get(name)
+        key = (args.dataset, name) if name in ("base", "new", "all") else (name, "test")
+        accs[name] = evaluate(capt, model, items, classnames, key, split.templates[name], rows if args.decapt else None,
+                              args, device, autocast)
+    return finish(results, accs, split, args, start)
+
+
+# Copied from coop.py: resume
+def resume(module, optimizer, args):
+    """With --resume: load the last epoch-end snapshot of args.out into module and optimizer; the epoch to start at."""
+    path = Path(args.out) / "train_state.pt"
+    if not (args.resume and path.exists()):
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["trainable"])
+    optimizer.load_state_dict(state["optimizer"])
+    print(f"resuming {args.out} after epoch {state['epoch']}")
+    return state["epoch"]
+
+
+# Copied from coop.py: snapshot
+def snapshot(module, optimizer, epoch, args):
+    """The trainable tensors and the optimizer after `epoch`, written atomically (a kill never leaves half a file)."""
+    state = {"trainable": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1}
+    evaluation.atomic_write(Path(args.out) / "train_state.pt", lambda tmp: torch.save(state, tmp))
+
+
+# Copied from coop.py: finish
+def finish(results, accs, split, args, start):
+    """Name the accuracies as the setting's tables read them, save results.json and print the summary line."""
+    if args.setting == "base2new":
+        results |= {"base_acc": accs["base"], "new_acc": accs["new"], "base_classnames": split.tests["base"][1],
+                    "new_classnames": split.tests["new"][1]}
+    else:
+        results |= {"acc": accs.pop("all"), "targets": accs}
     results["wall_time"] = time.time() - start
     results = evaluation.save_results(args.out, results)
-    print(f"base {results['base_acc']:.2f}  new {results['new_acc']:.2f}  H {results['H']:.2f}  ({args.out})")
+    summary = {"base": results.get("base_acc"), "new": results.get("new_acc"), "H": results.get("H")} \
+        if args.setting == "base2new" else {args.dataset: results["acc"]} | accs
+    print("  ".join(f"{k} {v:.2f}" for k, v in summary.items() if v is not None) + f"  ({args.out})")
     return results
+
+
+# Copied from coop.py: main
+def main(argv=None):
+    """Every (dataset, seed) asked for, one after the other, each in its own folder; finished runs are skipped."""
+    args = parser.parse_args(argv)
+    datasets = args.dataset or (["imagenet"] if args.setting == "crossdataset" else ["world"])
+    jobs = [(d, s) for d in datasets for s in args.seed]
+    results = []
+    for dataset, seed in jobs:
+        one = argparse.Namespace(**(vars(args) | {"dataset": dataset, "seed": seed}))
+        folder = Path(args.out or f"runs/{METHOD}") / (
+            "" if args.out and len(jobs) == 1 else f"{args.setting}/{dataset}/shots{args.shots}_seed{seed}")
+        one.out = str(folder)
+        if (folder / "results.json").exists() and not (args.force or args.eval_only or args.resume):
+            print(f"{folder} is finished (results.json); skipping it (--force redoes it)")
+            results.append(json.loads((folder / "results.json").read_text()))
+            continue
+        results.append(run(one))
+    runs_dir = Path(args.out or f"runs/{METHOD}") / ("" if args.out else args.setting)
+    if len(jobs) > 1 and evaluation.collect(runs_dir, args.setting):
+        print(f"\n{evaluation.TABLES[args.setting](runs_dir)}")
+    return results[0] if len(jobs) == 1 else results
 
 
 if __name__ == "__main__":

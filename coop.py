@@ -34,12 +34,15 @@ import clip
 import data
 import eval as evaluation
 
-parser = argparse.ArgumentParser(description="CoOp: learned prompt context for CLIP (base-to-new protocol)")
+parser = argparse.ArgumentParser(description="CoOp: learned prompt context for CLIP")
+METHOD = "coop"
 # shared by every method script
-parser.add_argument("--dataset", default="world", help="dataset name (see data.DATASETS), or 'folder'")
+parser.add_argument("--dataset", nargs="+", default=None,
+                    help="dataset name(s) (see data.DATASETS), or 'folder'; default world (imagenet for crossdataset)")
 parser.add_argument("--root", default="data", help="folder holding the datasets (CoOp's layout)")
 parser.add_argument("--shots", type=int, default=16, help="training images per class (papers: 16)")
-parser.add_argument("--seed", type=int, default=1, help="seed of the few-shot sample and the training (papers: 1 2 3)")
+parser.add_argument("--seed", type=int, nargs="+", default=[1],
+                    help="seed(s) of the few-shot sample and the training (papers: 1 2 3); one run per dataset and seed")
 parser.add_argument("--backbone", default="auto",
                     help="OpenAI model name (ViT-B/16 ...) or checkpoint path; auto = the world's CLIP on world, else ViT-B/16")
 parser.add_argument("--epochs", type=int, default=10, help="training epochs (CaPT's CoOp re-run: 10)")
@@ -48,12 +51,20 @@ parser.add_argument("--lr", type=float, default=0.0035, help="SGD learning rate 
 parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ...; auto = cuda if available")
 parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="autocast dtype of the frozen encoders on CUDA (auto = bf16 on CUDA, fp32 on CPU)")
-parser.add_argument("--out", default=None, help="run folder (default runs/coop/<dataset>/shots<k>_seed<s>)")
+parser.add_argument("--out", default=None,
+                    help="run folder of a single run; for several, their parent (default runs/coop/<setting>/<dataset>/shots<k>_seed<s>)")
 parser.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint saved in --out, no training")
 parser.add_argument("--download", action="store_true", help="fetch the dataset with torchvision if it is missing")
 parser.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(4, cores))")
 parser.add_argument("--store", default="auto",
                     help="feature store for frozen image features (auto = <root>/.cache/features; none = off)")
+parser.add_argument("--setting", default="base2new", choices=["base2new", "fewshot", "crossdataset"],
+                    help="base2new: train base, test base and new; fewshot: all classes; crossdataset: train on the "
+                         "source, test on --targets")
+parser.add_argument("--targets", nargs="+", default=data.CROSS_TARGETS,
+                    help="crossdataset: datasets evaluated with their own class names and templates")
+parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished epoch")
+parser.add_argument("--force", action="store_true", help="redo runs that already have results.json")
 parser.add_argument("--cache-views", type=int, default=0,
                     help="K > 0: encode K augmented views of each training image once and train on features")
 # method
@@ -133,20 +144,21 @@ def lr_at_epoch(epoch, lr, epochs, warmup_lr):
 
 
 def train(model, prompt_learner, split, args, device, autocast):
-    """SGD over the context only; one line per epoch."""
+    """SGD over the context only; one line per epoch; a resumable snapshot at every epoch end."""
     resolution = model.visual.input_resolution
     train_transform = data.transform(resolution, train=True, crop_scale=split.crop_scale)
     batches = evaluation.training_batches(model, split.train, train_transform, args.batch_size, device, autocast,
                                           args.seed, args.cache_views, store(args), args.dataset, args.workers)
     params = [p for p in prompt_learner.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    start = resume(prompt_learner, optimizer, args)
     logit_scale = model.logit_scale.exp().float()
-    for epoch in range(args.epochs):
+    for epoch in range(start, args.epochs):
         lr = lr_at_epoch(epoch, args.lr, args.epochs, args.warmup_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         total_loss, correct, seen = 0.0, 0, 0
-        for features, labels in tqdm(batches(), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
+        for features, labels in tqdm(batches(epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
             image_features = F.normalize(features, dim=-1)  # (B, E)
             logits = logit_scale * image_features @ text_features(model, prompt_learner, autocast).t()  # (B, K)
             loss = F.cross_entropy(logits, labels)
@@ -158,32 +170,51 @@ def train(model, prompt_learner, split, args, device, autocast):
             seen += len(labels)
         print(f"epoch {epoch + 1}/{args.epochs}  loss {total_loss / seen:.4f}  train acc {100 * correct / seen:.1f}  "
               f"lr {lr:.2e}")
+        snapshot(prompt_learner, optimizer, epoch, args)
+
+
+def resume(module, optimizer, args):
+    """With --resume: load the last epoch-end snapshot of args.out into module and optimizer; the epoch to start at."""
+    path = Path(args.out) / "train_state.pt"
+    if not (args.resume and path.exists()):
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["trainable"])
+    optimizer.load_state_dict(state["optimizer"])
+    print(f"resuming {args.out} after epoch {state['epoch']}")
+    return state["epoch"]
+
+
+def snapshot(module, optimizer, epoch, args):
+    """The trainable tensors and the optimizer after `epoch`, written atomically (a kill never leaves half a file)."""
+    state = {"trainable": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1}
+    evaluation.atomic_write(Path(args.out) / "train_state.pt", lambda tmp: torch.save(state, tmp))
 
 
 @torch.no_grad()
-def evaluate(model, prompt_learner, items, classnames, split_name, args, device, autocast):
-    """Accuracy of the learned prompts on one test set: text features once, image features once (or from the store)."""
+def evaluate(model, prompt_learner, items, classnames, key, args, device, autocast):
+    """Accuracy of the learned prompts on one test set: text features once, image features once (or from the store).
+
+    key: (dataset, split) naming the test set in the feature store."""
     prompt_learner.set_classnames(model, classnames)
     weights = text_features(model, prompt_learner, autocast)  # (K, E)
     transform = data.transform(model.visual.input_resolution, train=False)
-    features, labels = evaluation.stored_image_features(model, items, transform, args.dataset, split_name, store(args),
-                                                        device, autocast)  # (N, E) raw, (N,)
+    features, labels = evaluation.stored_image_features(model, items, transform, *key, store(args), device,
+                                                        autocast)  # (N, E) raw, (N,)
     return evaluation.accuracy(F.normalize(features.to(device), dim=-1) @ weights.t(), labels.to(device))
 
 
-def main(argv=None):
-    args = parser.parse_args(argv)
+def run(args):
+    """One run: one dataset, one seed, one setting. Writes args.json, checkpoint.pt and results.json in args.out."""
     torch.manual_seed(args.seed)
     device, autocast = resolve_device(args.device, args.precision)
-    args.out = args.out or f"runs/coop/{args.dataset}/shots{args.shots}_seed{args.seed}"
     backbone = data.default_backbone(args.dataset, args.root) if args.backbone == "auto" else args.backbone
     print(json.dumps(vars(args) | {"backbone": backbone, "device": device}, indent=2))
     start = time.time()
 
     model, _ = clip.load(backbone, device=device)
     model.requires_grad_(False)  # CLIP stays frozen: only the context is learned
-    split = data.prepare(args.dataset, args.root, args.shots, args.seed, download=args.download)
-    base_names, new_names = split.tests["base"][1], split.tests["new"][1]
+    split = data.prepare(args.dataset, args.root, args.shots, args.seed, args.setting, args.download, args.targets)
     prompt_learner = PromptLearner(model, split.train_classnames, args.ctx_init, args.n_ctx, args.csc).to(device)
     n_params = sum(p.numel() for p in prompt_learner.parameters())
     print(f"trainable: {[n for n, _ in prompt_learner.named_parameters()]}, {n_params:,} parameters")
@@ -196,20 +227,56 @@ def main(argv=None):
         evaluation.save_json(Path(args.out) / "args.json", vars(args) | {"backbone": backbone})
         evaluation.save_json(Path(args.out) / "train_files.json", split.train_files)
         train(model, prompt_learner, split, args, device, autocast)
-        state = {"ctx": prompt_learner.ctx.detach().cpu(), "args": vars(args), "classnames": base_names}
+        state = {"ctx": prompt_learner.ctx.detach().cpu(), "args": vars(args), "classnames": split.train_classnames}
         evaluation.atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))  # never a half-written checkpoint
 
-    results = {"method": "coop", "dataset": args.dataset, "seed": args.seed, "shots": args.shots, "backbone": backbone,
-               "base_classnames": base_names, "new_classnames": new_names}
-    results["base_acc"] = evaluate(model, prompt_learner, *split.tests["base"], "base", args, device, autocast)
-    if args.csc:  # class-specific contexts exist only for the base classes
-        results["new_acc"] = float("nan")
+    results = {"method": METHOD, "setting": args.setting, "dataset": args.dataset, "seed": args.seed,
+               "shots": args.shots, "backbone": backbone}
+    accs = {}
+    for name, (items, classnames) in split.tests.items():
+        if args.csc and classnames != split.train_classnames:  # class-specific contexts exist only for trained classes
+            accs[name] = float("nan")
+            continue
+        key = (args.dataset, name) if name in ("base", "new", "all") else (name, "test")
+        accs[name] = evaluate(model, prompt_learner, items, classnames, key, args, device, autocast)
+    return finish(results, accs, split, args, start)
+
+
+def finish(results, accs, split, args, start):
+    """Name the accuracies as the setting's tables read them, save results.json and print the summary line."""
+    if args.setting == "base2new":
+        results |= {"base_acc": accs["base"], "new_acc": accs["new"], "base_classnames": split.tests["base"][1],
+                    "new_classnames": split.tests["new"][1]}
     else:
-        results["new_acc"] = evaluate(model, prompt_learner, *split.tests["new"], "new", args, device, autocast)
+        results |= {"acc": accs.pop("all"), "targets": accs}
     results["wall_time"] = time.time() - start
     results = evaluation.save_results(args.out, results)
-    print(f"base {results['base_acc']:.2f}  new {results['new_acc']:.2f}  H {results['H']:.2f}  ({args.out})")
+    summary = {"base": results.get("base_acc"), "new": results.get("new_acc"), "H": results.get("H")} \
+        if args.setting == "base2new" else {args.dataset: results["acc"]} | accs
+    print("  ".join(f"{k} {v:.2f}" for k, v in summary.items() if v is not None) + f"  ({args.out})")
     return results
+
+
+def main(argv=None):
+    """Every (dataset, seed) asked for, one after the other, each in its own folder; finished runs are skipped."""
+    args = parser.parse_args(argv)
+    datasets = args.dataset or (["imagenet"] if args.setting == "crossdataset" else ["world"])
+    jobs = [(d, s) for d in datasets for s in args.seed]
+    results = []
+    for dataset, seed in jobs:
+        one = argparse.Namespace(**(vars(args) | {"dataset": dataset, "seed": seed}))
+        folder = Path(args.out or f"runs/{METHOD}") / (
+            "" if args.out and len(jobs) == 1 else f"{args.setting}/{dataset}/shots{args.shots}_seed{seed}")
+        one.out = str(folder)
+        if (folder / "results.json").exists() and not (args.force or args.eval_only or args.resume):
+            print(f"{folder} is finished (results.json); skipping it (--force redoes it)")
+            results.append(json.loads((folder / "results.json").read_text()))
+            continue
+        results.append(run(one))
+    runs_dir = Path(args.out or f"runs/{METHOD}") / ("" if args.out else args.setting)
+    if len(jobs) > 1 and evaluation.collect(runs_dir, args.setting):
+        print(f"\n{evaluation.TABLES[args.setting](runs_dir)}")
+    return results[0] if len(jobs) == 1 else results
 
 
 if __name__ == "__main__":

@@ -252,25 +252,61 @@ def split_base_new(items, which, labels=None):
     return out, _classnames(out) if out else []
 
 
-def prepare(name, root, shots, seed, setting="base2new", download=False):
+# Cross-dataset transfer (CoCoOp's protocol): train on ImageNet, test on the 10 others; the 4 variants = domain shift.
+CROSS_TARGETS = ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft", "sun397",
+                 "dtd", "eurosat", "ucf101", "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
+IMAGENET_VARIANTS = ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
+
+
+def imagenet_labels(name, root):
+    """ImageNet label (0..999) of each class of an ImageNet variant, in the variant's label order.
+
+    ImageNet-A and -R hold 200 of the 1000 classes (folders named by WordNet id); V2 and Sketch hold all 1000.
+    The papers score the variants with the ImageNet classifier restricted to these rows.
+    """
+    base = Path(root).expanduser() / DATASETS[name]["dir"]
+    wnids = [line.split(" ", 1)[0] for line in _need(base / "classnames.txt", name).read_text().splitlines() if line.strip()]
+    if name == "imagenetv2":  # folders 0..999 are ImageNet labels already
+        return list(range(len(wnids)))
+    folders = sorted(d.name for d in _need(base / DATASETS[name]["images"], name).iterdir()
+                     if d.is_dir() and not d.name.startswith("."))
+    index = {w: i for i, w in enumerate(wnids)}
+    unknown = [f for f in folders if f not in index]
+    if unknown:
+        raise ValueError(f"{name}: folders {unknown[:5]} are not WordNet ids of {base / 'classnames.txt'}")
+    return [index[f] for f in folders]
+
+
+def prepare(name, root, shots, seed, setting="base2new", download=False, targets=None):
     """Everything a method script needs: few-shot train items of the training classes and the test sets.
 
-    .train: [(path, label, classname)] relabelled; .train_classnames; .tests: {"base"|"new"|"all": (items, classnames)};
-    .template; .train_files: the chosen few-shot files (saved with the results); .crop_scale of the train transform.
+    .train: [(path, label, classname)] relabelled; .train_classnames; .tests: {name: (items, classnames)} with
+    "base" and "new" (base2new), "all" (fewshot), or the source's "all" and one entry per target (crossdataset);
+    .templates: {test name: its dataset's template}; .template: the training set's; .imagenet_rows: {variant:
+    ImageNet labels of its classes} (crossdataset from ImageNet); .train_files: the chosen few-shot files;
+    .crop_scale of the train transform.
     """
     ds = load_dataset(name, root, download)
     train = fewshot(ds.train, shots, seed) if shots > 0 else ds.train
     labels = {y for _, y, _ in ds.train}
+    templates, imagenet_rows = {}, {}
     if setting == "base2new":
         train_items, train_names = split_base_new(train, "base", labels)
         tests = {w: split_base_new(ds.test, w, labels) for w in ("base", "new")}
     elif setting in ("fewshot", "crossdataset"):
         train_items, train_names = split_base_new(train, "all", labels)
         tests = {"all": split_base_new(ds.test, "all", labels)}
+        for target in (targets or []) if setting == "crossdataset" else []:
+            target_ds = load_dataset(target, root, download)
+            tests[target] = (target_ds.test, target_ds.classnames)
+            templates[target] = target_ds.template
+            if name == "imagenet" and target in IMAGENET_VARIANTS:
+                imagenet_rows[target] = imagenet_labels(target, root)
     else:
         raise ValueError(f"unknown setting {setting!r}; use base2new, fewshot or crossdataset")
+    templates = {t: templates.get(t, ds.template) for t in tests}
     return SimpleNamespace(train=train_items, train_classnames=train_names, tests=tests, template=ds.template,
-                           train_files=[p for p, _, _ in train_items],
+                           templates=templates, imagenet_rows=imagenet_rows, train_files=[p for p, _, _ in train_items],
                            crop_scale=DATASETS.get(name, {}).get("crop_scale", (0.08, 1.0)))
 
 

@@ -49,12 +49,14 @@ import data
 import eval as evaluation
 
 parser = argparse.ArgumentParser(description="DA-VPT: distribution-aware visual prompt tuning on CLIP's ViT")
+METHOD = "davpt"
 # shared by every method script
-parser.add_argument("--dataset", default="world",
-                    help="dataset name (see data.DATASETS), 'folder', or an FGVC set read here: cub, nabirds, dogs")
+parser.add_argument("--dataset", nargs="+", default=None,
+                    help="dataset name(s) (see data.DATASETS), 'folder', or an FGVC set read here: cub, nabirds, dogs")
 parser.add_argument("--root", default="data", help="folder holding the datasets (for cub/nabirds/dogs: that dataset)")
 parser.add_argument("--shots", type=int, default=16, help="images per class (0 = the full train split, the paper)")
-parser.add_argument("--seed", type=int, default=1, help="few-shot split and training seed")
+parser.add_argument("--seed", type=int, nargs="+", default=[1],
+                    help="seed(s) of the few-shot sample and the training; one run per dataset and seed")
 parser.add_argument("--backbone", default="auto",
                     help="OpenAI model name (ViT-B/16 ...) or checkpoint path; auto = the world's CLIP on world, else ViT-B/16")
 parser.add_argument("--epochs", type=int, default=100, help="training epochs (paper: 100)")
@@ -63,12 +65,18 @@ parser.add_argument("--lr", type=float, default=1e-3, help="AdamW lr (configs: 5
 parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ...; auto = cuda if available")
 parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="autocast dtype of the frozen encoder on CUDA (auto = bf16 on CUDA, fp32 on CPU)")
-parser.add_argument("--out", default=None, help="run folder (default runs/davpt/<dataset>/shots<k>_seed<s>)")
+parser.add_argument("--out", default=None,
+                    help="run folder of a single run; for several, their parent (default runs/davpt/<setting>/<dataset>/shots<k>_seed<s>)")
 parser.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint saved in --out, no training")
 parser.add_argument("--download", action="store_true", help="fetch the dataset with torchvision if it is missing")
 parser.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(4, cores))")
-parser.add_argument("--setting", default="base2new", choices=["base2new", "fewshot"],
-                    help="base2new (text head) or fewshot = all classes (the linear probe's closed set)")
+parser.add_argument("--setting", default="base2new", choices=["base2new", "fewshot", "crossdataset"],
+                    help="base2new: train base, test base and new (text head); fewshot: all classes; crossdataset: "
+                         "train on the source, test on --targets (text head)")
+parser.add_argument("--targets", nargs="+", default=data.CROSS_TARGETS,
+                    help="crossdataset: datasets evaluated with their own class names and templates")
+parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished epoch")
+parser.add_argument("--force", action="store_true", help="redo runs that already have results.json")
 # method (the paper's defaults; the released configs vary them per dataset, see the notes in the docstring)
 parser.add_argument("--head", default="linear", choices=["linear", "text"],
                     help="linear probe (paper) or CLIP's frozen zero-shot text head (base-to-new)")
@@ -342,8 +350,18 @@ def train(model, train_items, num_classes, tf_train, args, device, autocast):
     opt = torch.optim.AdamW(groups, lr=args.lr)
     steps_per_epoch = max(1, len(labels) // args.batch_size)
     total, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
-    step = 0
-    for epoch in range(args.epochs):
+    state_path = Path(args.out) / "train_state.pt"
+    start = 0
+    if args.resume and state_path.exists():  # the last epoch-end snapshot: tensors, optimizer, class->prompt mapping
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["trainable"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        start, mapping, cent = state["epoch"], state["mapping"].to(device), state["centroids"]
+        print(f"resuming {args.out} after epoch {start}")
+    step = start * steps_per_epoch
+    for epoch in range(start, args.epochs):
+        torch.manual_seed(args.seed * 1000 + epoch)  # each epoch's randomness from (seed, epoch): resumable exactly
+        g.manual_seed(args.seed * 1000 + epoch)
         model.train()
         sums = torch.zeros(num_classes, model.clip.visual.proj.shape[1], device=device)
         counts = torch.zeros(num_classes, device=device)
@@ -372,6 +390,9 @@ def train(model, train_items, num_classes, tf_train, args, device, autocast):
             new = torch.where(counts.cpu() > 0, new, mapping.cpu())  # classes not drawn this epoch keep their prompt
             if new.unique().numel() > 1:  # skipped if everything fell into one cluster, as the code
                 mapping, cent = new.to(device), new_cent
+        state = {"trainable": model.trainable_state(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                 "mapping": mapping.cpu(), "centroids": cent}
+        evaluation.atomic_write(state_path, lambda tmp: torch.save(state, tmp))
     return mapping
 
 
@@ -414,14 +435,14 @@ def load_split(args):
     if args.vtab1k:  # train on 800 images of the full train split, report the 200 held out as "val"
         split.train, val_items = vtab1k(split.train, args.seed)
         split.tests["val"] = (val_items, split.train_classnames)
+    split.templates = {name: getattr(split, "templates", {}).get(name, split.template) for name in split.tests}
     return split
 
 
-def main(argv=None):
-    args = parser.parse_args(argv)
+def run(args):
+    """One run: one dataset, one seed, one setting. Writes args.json, checkpoint.pt and results.json in args.out."""
     torch.manual_seed(args.seed)
     device, autocast = resolve_device(args.device, args.precision)
-    args.out = args.out or f"runs/davpt/{args.dataset}/shots{args.shots}_seed{args.seed}"
     backbone = data.default_backbone(args.dataset, args.root) if args.backbone == "auto" else args.backbone
     print(json.dumps(vars(args) | {"backbone": backbone, "device": device}, indent=2))
     start = time.time()
@@ -451,21 +472,57 @@ def main(argv=None):
         state = {"trainable": model.trainable_state(), "mapping": mapping.cpu(), "args": vars(args)}
         evaluation.atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))  # never a half-written checkpoint
 
+    results = {"method": METHOD, "setting": args.setting, "dataset": args.dataset, "seed": args.seed,
+               "shots": args.shots, "backbone": backbone, "trainable_params": n_train}
     accs = {}
     for name, (items, classnames) in split.tests.items():
         if args.head == "linear" and list(classnames) != list(split.train_classnames):
             print(f"skip '{name}': the linear head knows only the training classes (use --head text for new classes)")
+            accs[name] = None
             continue
         if args.head == "text":
-            model.text_weights = evaluation.zeroshot_weights(clip_model, classnames, split.template, device).float()
+            model.text_weights = evaluation.zeroshot_weights(clip_model, classnames, split.templates[name], device).float()
         accs[name] = evaluate(model, items, data.transform(res, False), args, device, autocast)
-        print(f"{name} accuracy: {accs[name]:.2f}")
-    base, new = accs.get("base", accs.get("all")), accs.get("new")
-    results = {"method": "davpt", "dataset": args.dataset, "seed": args.seed, "shots": args.shots, "backbone": backbone,
-               "base_classnames": list(split.tests.get("base", split.tests.get("all", ([], [])))[1]),
-               "new_classnames": list(split.tests.get("new", ([], []))[1]), "base_acc": base, "new_acc": new,
-               "trainable_params": n_train, "wall_time": time.time() - start}
-    return evaluation.save_results(args.out, results)
+    return finish(results, accs, split, args, start)
+
+
+# Copied from coop.py: finish
+def finish(results, accs, split, args, start):
+    """Name the accuracies as the setting's tables read them, save results.json and print the summary line."""
+    if args.setting == "base2new":
+        results |= {"base_acc": accs["base"], "new_acc": accs["new"], "base_classnames": split.tests["base"][1],
+                    "new_classnames": split.tests["new"][1]}
+    else:
+        results |= {"acc": accs.pop("all"), "targets": accs}
+    results["wall_time"] = time.time() - start
+    results = evaluation.save_results(args.out, results)
+    summary = {"base": results.get("base_acc"), "new": results.get("new_acc"), "H": results.get("H")} \
+        if args.setting == "base2new" else {args.dataset: results["acc"]} | accs
+    print("  ".join(f"{k} {v:.2f}" for k, v in summary.items() if v is not None) + f"  ({args.out})")
+    return results
+
+
+# Copied from coop.py: main
+def main(argv=None):
+    """Every (dataset, seed) asked for, one after the other, each in its own folder; finished runs are skipped."""
+    args = parser.parse_args(argv)
+    datasets = args.dataset or (["imagenet"] if args.setting == "crossdataset" else ["world"])
+    jobs = [(d, s) for d in datasets for s in args.seed]
+    results = []
+    for dataset, seed in jobs:
+        one = argparse.Namespace(**(vars(args) | {"dataset": dataset, "seed": seed}))
+        folder = Path(args.out or f"runs/{METHOD}") / (
+            "" if args.out and len(jobs) == 1 else f"{args.setting}/{dataset}/shots{args.shots}_seed{seed}")
+        one.out = str(folder)
+        if (folder / "results.json").exists() and not (args.force or args.eval_only or args.resume):
+            print(f"{folder} is finished (results.json); skipping it (--force redoes it)")
+            results.append(json.loads((folder / "results.json").read_text()))
+            continue
+        results.append(run(one))
+    runs_dir = Path(args.out or f"runs/{METHOD}") / ("" if args.out else args.setting)
+    if len(jobs) > 1 and evaluation.collect(runs_dir, args.setting):
+        print(f"\n{evaluation.TABLES[args.setting](runs_dir)}")
+    return results[0] if len(jobs) == 1 else results
 
 
 if __name__ == "__main__":

@@ -119,6 +119,9 @@ def training_batches(model, items, transform, batch_size, device, autocast, seed
                      num_workers=None):
     """epoch -> iterator over (raw image features (B, E), labels (B,)) of the few-shot training set, for text-side methods.
 
+    Every epoch draws its order and augmentations from a seed of its own (seed, epoch): an interrupted run resumed at
+    epoch e replays exactly what an uninterrupted one does.
+
     views = 0: online, the papers' way: every step augments and encodes its images.
     views = K (--cache-views K): K augmented views of every image are encoded once (and stored); each epoch visits
     every image once, through one of its K views drawn at random. This matches online augmentation in distribution
@@ -128,7 +131,9 @@ def training_batches(model, items, transform, batch_size, device, autocast, seed
     if not views:
         loader = data.loader(items, transform, batch_size, train=True, num_workers=num_workers, seed=seed)
 
-        def online():
+        def online(epoch):
+            torch.manual_seed(seed * 1000 + epoch)  # the augmentations (and workers' seeds) of this epoch
+            loader.generator.manual_seed(seed * 1000 + epoch)  # its order
             for images, labels in loader:
                 with torch.no_grad(), autocast():
                     f = model.encode_image(images.to(device)).float()  # (B, E)
@@ -138,14 +143,16 @@ def training_batches(model, items, transform, batch_size, device, autocast, seed
     cached = []
     for v in range(views):  # view v of every image: the train transform under its own seed, without touching ours
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1000 + v)
+            torch.manual_seed(seed * 1000 + 999 - v)
             cached.append(stored_image_features(model, items, transform, dataset, f"train view {v}/{views} seed {seed}",
                                                 store, device, autocast, fingerprint)[0])
     feats = torch.stack(cached).to(device)  # (K, N, E)
     labels = torch.tensor([y for _, y, _ in items], device=device)  # (N,)
     N = len(items)
 
-    def from_views():
+    def from_views(epoch):
+        torch.manual_seed(seed * 1000 + epoch)  # any other randomness of this epoch (dropout)
+        g.manual_seed(seed * 1000 + epoch)
         order = torch.randperm(N, generator=g)
         drop = N > batch_size and N % batch_size  # as the image loader: never drop the only batch
         order = order[: N - (N % batch_size)] if drop else order
@@ -177,13 +184,17 @@ def average(rows):
     return base, new, harmonic_mean(base, new)
 
 
-def collect(runs_dir):
-    """{method: {dataset: [results of each seed]}} from every results.json below runs_dir."""
+def collect(runs_dir, setting="base2new"):
+    """{method: {dataset: [results of each seed]}} from every results.json of one setting below runs_dir."""
     table = defaultdict(lambda: defaultdict(list))
     for path in sorted(Path(runs_dir).rglob("results.json")):
         r = json.loads(path.read_text())
-        if r.get("base_acc") is not None and r.get("new_acc") is not None:
-            table[r.get("method", "?")][r["dataset"]].append(r)
+        if r.get("setting", "base2new") != setting:
+            continue
+        if setting == "base2new" and (r.get("base_acc") is None or r.get("new_acc") is None):
+            continue
+        key = f"{r['dataset']} {r['shots']}-shot" if setting == "fewshot" else r["dataset"]
+        table[r.get("method", "?")][key].append(r)
     return table
 
 
@@ -213,13 +224,64 @@ def base2new_table(runs_dir):
     return "\n".join(lines)
 
 
+def mean(values):
+    return sum(values) / len(values)
+
+
+def fewshot_table(runs_dir):
+    """Markdown: one row per dataset and shot count, accuracy on all classes per method (seed count in brackets)."""
+    table = collect(runs_dir, "fewshot")
+    methods = sorted(table)
+    rows = sorted({d for m in methods for d in table[m]}, key=lambda k: (k.split()[0], int(k.split()[1].split("-")[0])))
+    lines = ["| Dataset | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for row in rows:
+        cells = [f"{mean([r['acc'] for r in table[m][row]]):.2f} ({len(table[m][row])})" if table[m].get(row) else "–"
+                 for m in methods]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def crossdataset_table(runs_dir):
+    """Markdown, as the papers: one row per method (and source), one column per target, plus the average.
+
+    Cross-dataset targets and the ImageNet variants (domain generalisation) are averaged separately."""
+    table = collect(runs_dir, "crossdataset")
+    variants = data.IMAGENET_VARIANTS
+    lines = []
+    for title, keep in [("cross-dataset", lambda t: t not in variants), ("domain generalisation", lambda t: t in variants)]:
+        targets = [t for t in data.CROSS_TARGETS + sorted({t for m in table for d in table[m] for r in table[m][d]
+                                                            for t in r["targets"]} - set(data.CROSS_TARGETS))
+                   if keep(t) and any(t in r["targets"] for m in table for d in table[m] for r in table[m][d])]
+        if not targets:
+            continue
+        lines += [f"{title}:", "", "| Method | Source | " + " | ".join(targets) + " | Average |",
+                  "|---|---|" + "---|" * (len(targets) + 1)]
+        for m in sorted(table):
+            for source, runs in sorted(table[m].items()):
+                accs = [mean([r["targets"][t] for r in runs if t in r["targets"]]) if any(t in r["targets"] for r in runs)
+                        else None for t in targets]
+                known = [a for a in accs if a is not None]
+                cells = [f"{a:.2f}" if a is not None else "–" for a in accs]
+                src = f"{source} {mean([r['acc'] for r in runs]):.2f} ({len(runs)})"
+                lines.append(f"| {m} | {src} | " + " | ".join(cells) + f" | {mean(known):.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+TABLES = {"base2new": base2new_table, "fewshot": fewshot_table, "crossdataset": crossdataset_table}
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Aggregate results.json files into the papers' base-to-new table.")
+    parser = argparse.ArgumentParser(description="Aggregate results.json files into the papers' tables.")
     parser.add_argument("runs_dir", help="folder searched recursively for results.json")
     args = parser.parse_args(argv)
-    if not collect(args.runs_dir):
-        sys.exit(f"no base-to-new results.json found under {args.runs_dir}")
-    print(base2new_table(args.runs_dir))
+    found = False
+    for setting, render in TABLES.items():
+        if collect(args.runs_dir, setting):
+            found = True
+            print(f"## {setting}\n\n{render(args.runs_dir)}\n")
+    if not found:
+        sys.exit(f"no results.json found under {args.runs_dir}")
 
 
 if __name__ == "__main__":

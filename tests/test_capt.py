@@ -21,6 +21,7 @@ def make(tiny, argv=()):
     model, _ = clip.load(str(tiny / "clip.pt"))
     model.requires_grad_(False)
     args = capt.parser.parse_args(list(argv))
+    args.seed = args.seed[0]  # one run's arguments
     setting = "decapt" if args.decapt else args.base
     for name, value in zip(("scale", "hidden", "dropout", "epsilon"), capt.SETTINGS[setting]):
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
@@ -98,20 +99,20 @@ def test_decapt_fuses_on_base_and_uses_itm_only_on_new(tiny):
     with torch.no_grad():
         module.classifier.weight.normal_()
     f = model.encode_image(torch.randn(6, 3, 32, 32))
-    itm = capt.predict(module, model, f, False, args, OFF)
+    itm = capt.predict(module, model, f, None, args, OFF)
     cat = f @ module.classifier.weight.t() + module.classifier.bias  # FiLM starts as the identity
-    assert torch.allclose(capt.predict(module, model, f, True, args, OFF), 0.3 * itm + 0.7 * cat, atol=1e-4)
+    assert torch.allclose(capt.predict(module, model, f, slice(None), args, OFF), 0.3 * itm + 0.7 * cat, atol=1e-4)
     args.fusion = "probs"
-    assert torch.allclose(capt.predict(module, model, f, True, args, OFF), 0.3 * itm.softmax(-1) + 0.7 * cat.softmax(-1),
+    assert torch.allclose(capt.predict(module, model, f, slice(None), args, OFF), 0.3 * itm.softmax(-1) + 0.7 * cat.softmax(-1),
                           atol=1e-5)
 
 
 def test_main_asks_for_fusion_on_base_only(tiny, tmp_path, monkeypatch):
     calls = []
     real = capt.evaluate
-    monkeypatch.setattr(capt, "evaluate", lambda *a: calls.append((a[3], a[5])) or real(*a))
+    monkeypatch.setattr(capt, "evaluate", lambda *a: calls.append((a[3], a[6])) or real(*a))
     capt.main(argv(tiny, tmp_path, "--decapt"))
-    assert calls == [(sorted(NAMES)[:3], True), (sorted(NAMES)[3:], False)]
+    assert calls == [(sorted(NAMES)[:3], slice(None)), (sorted(NAMES)[3:], None)]
 
 
 def argv(tiny, tmp_path, *extra):

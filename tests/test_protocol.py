@@ -245,9 +245,9 @@ def test_cached_views_visit_every_image_once_per_epoch_through_a_stored_view(tin
     views = torch.stack([evaluation.cached_image_features(tmp_path, k, None)[0] for k in sorted(
         p.stem for p in tmp_path.glob("*.pt"))])  # (3, 15, E)
     assert not torch.allclose(views[0], views[1])  # the views are different augmentations
-    for _ in range(2):
+    for epoch in range(2):
         seen = []
-        for f, y in batches():
+        for f, y in batches(epoch):
             for row, label in zip(f, y):
                 i = [j for j in range(len(items)) if any(torch.equal(row, views[v, j]) for v in range(3))]
                 assert len(i) == 1 and items[i[0]][1] == label  # a stored view of one image, with its label
