@@ -93,7 +93,7 @@ def test_loader_names_the_missing_classes(tmp_path):
         sempt.load_descriptions(tmp_path / "none.json", ["red circle"])
 
 
-@pytest.mark.parametrize("dataset", [p.stem for p in sorted((ROOT / "descriptions").glob("*.json"))])
+@pytest.mark.parametrize("dataset", ["world", "eurosat", "dtd", "oxford_pets"])
 def test_shipped_description_files_are_complete(dataset):
     """Every class of the split files (names as data.py writes them), K attributes, sentences that fit CLIP."""
     path = sempt.default_descriptions(dataset)
