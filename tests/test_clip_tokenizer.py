@@ -31,6 +31,8 @@ def texts():
             names.update(item[2] for item in split)
     names = sorted(names)
     out = names + [f"a photo of a {n.replace('_', ' ')}, a type of pet." for n in names]
+    for path in sorted((Path(__file__).resolve().parents[1] / "descriptions").glob("*.json")):  # SemPT's sentences
+        out += [s for attrs in json.load(open(path))["descriptions"].values() for ss in attrs.values() for s in ss]
     out += ["", " ", "\t\n  spaced   out \n", "Café crème brûlée", "naïve Zoë façade", "ÅNGSTRÖM", "日本語のテキスト",
             "emoji 🐶🐱 and 🚗!", "Ελληνικά κείμενα", "русский текст", "&amp; &lt;tag&gt; &quot;quoted&quot;",
             "it's they're we've I'm you'll he'd", "3.14159 and 2,718 or 1e-10", "A-B_C/D\\E|F", "MiXeD CaSe",

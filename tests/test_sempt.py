@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import clip
+import data
 import sempt
 from conftest import NAMES
 
@@ -93,26 +94,46 @@ def test_loader_names_the_missing_classes(tmp_path):
         sempt.load_descriptions(tmp_path / "none.json", ["red circle"])
 
 
+# Class names as data.py writes them from CoOp's split files (checked against the files when they are here).
+CLASSNAMES = {
+    "eurosat": ["Annual Crop Land", "Forest", "Herbaceous Vegetation Land", "Highway or Road", "Industrial Buildings",
+                "Pasture Land", "Permanent Crop Land", "Residential Buildings", "River", "Sea or Lake"],
+    "dtd": "banded blotchy braided bubbly bumpy chequered cobwebbed cracked crosshatched crystalline dotted fibrous "
+           "flecked freckled frilly gauzy grid grooved honeycombed interlaced knitted lacelike lined marbled matted "
+           "meshed paisley perforated pitted pleated polka-dotted porous potholed scaly smeared spiralled sprinkled "
+           "stained stratified striped studded swirly veined waffled woven wrinkled zigzagged".split(),
+    "oxford_pets": ["abyssinian", "american bulldog", "american pit bull terrier", "basset hound", "beagle", "bengal",
+                    "birman", "bombay", "boxer", "british shorthair", "chihuahua", "egyptian mau",
+                    "english cocker spaniel", "english setter", "german shorthaired", "great pyrenees", "havanese",
+                    "japanese chin", "keeshond", "leonberger", "maine coon", "miniature pinscher", "newfoundland",
+                    "persian", "pomeranian", "pug", "ragdoll", "russian blue", "saint bernard", "samoyed",
+                    "scottish terrier", "shiba inu", "siamese", "sphynx", "staffordshire bull terrier",
+                    "wheaten terrier", "yorkshire terrier"],
+}
+SPLIT_FILES = {"eurosat": "EuroSAT", "dtd": "DescribableTextures", "oxford_pets": "OxfordPets"}
+
+
 @pytest.mark.parametrize("dataset", ["world", "eurosat", "dtd", "oxford_pets"])
 def test_shipped_description_files_are_complete(dataset):
-    """Every class of the split files (names as data.py writes them), K attributes, sentences that fit CLIP."""
+    """Every class (names as data.py writes them), K = 5 attributes, every sentence within CLIP's context."""
+    import world
     path = sempt.default_descriptions(dataset)
     raw = json.loads(path.read_text())
-    split_names = {"eurosat": "EuroSAT", "dtd": "DescribableTextures", "oxford_pets": "OxfordPets"}
-    if dataset == "world":
-        import world
-        names = world.CLASSNAMES
-    else:
-        reference = ROOT.parent / "shared" / "reference" / "coop_splits" / f"split_zhou_{split_names[dataset]}.json"
-        if not reference.exists():
-            pytest.skip("the CoOp split files are not here")
-        names = sorted({c for _, _, c in json.loads(reference.read_text())["train"]})
-        names = [sempt.data.classname(c) for c in names]
+    names = world.CLASSNAMES if dataset == "world" else CLASSNAMES[dataset]
     attributes, desc = sempt.load_descriptions(path, names)
     assert raw["prompt_version"] == sempt.PROMPT_VERSION and len(attributes) == 5 and set(raw["descriptions"]) == set(names)
     for c in names:
         for a in attributes:
             sempt.check_sentences({a: desc[c][a]}, [a])
+
+
+@pytest.mark.parametrize("dataset", sorted(SPLIT_FILES))
+def test_class_lists_match_coop_split_files(dataset):
+    reference = ROOT.parent / "shared" / "reference" / "coop_splits" / f"split_zhou_{SPLIT_FILES[dataset]}.json"
+    if not reference.exists():
+        pytest.skip("the CoOp split files are not beside the repo")
+    split = data._read_split_file(reference, Path("images"))
+    assert data._classnames(split["train"]) == CLASSNAMES[dataset]
 
 
 # --- the generator against a real HTTP server --------------------------------------------------------------------
