@@ -60,7 +60,6 @@ import data
 import eval as evaluation
 
 parser = argparse.ArgumentParser(description="CaPT / DeCaPT: class-adaptive prompt tuning")
-METHOD = "capt"
 # shared by every method script
 parser.add_argument("--dataset", nargs="+", default=None,
                     help="dataset name(s) (see data.DATASETS), or 'folder'; default world (imagenet for crossdataset)")
@@ -77,7 +76,7 @@ parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ...; aut
 parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="autocast dtype of the frozen encoders on CUDA (auto = bf16 on CUDA, fp32 on CPU)")
 parser.add_argument("--out", default=None,
-                    help="run folder of a single run; for several, their parent (default runs/capt/<setting>/<dataset>/shots<k>_seed<s>)")
+                    help="run folder of a single run; for several, their parent (default runs/<method>/<setting>/<dataset>/shots<k>_seed<s>, method e.g. coop+text, decapt)")
 parser.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint saved in --out, no training")
 parser.add_argument("--download", action="store_true", help="fetch the dataset with torchvision if it is missing")
 parser.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(4, cores))")
@@ -378,6 +377,11 @@ def evaluate(capt, model, items, classnames, key, template, rows, args, device, 
     return evaluation.accuracy(predict(capt, model, f.to(device), rows, args, autocast), labels.to(device))
 
 
+def method_name(args):
+    """The name of this run's method in results.json, tables and the default run folder."""
+    return "decapt" if args.decapt else f"{args.base}+{args.condition}"  # coop+text = CaPT
+
+
 def run(args):
     """One run: one dataset, one seed, one setting. Writes args.json, checkpoint.pt and results.json in args.out."""
     if args.decapt:
@@ -413,8 +417,7 @@ def run(args):
                  "classnames": split.train_classnames}
         evaluation.atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))  # never a half-written checkpoint
 
-    method = "decapt" if args.decapt else f"{args.base}+{args.condition}"
-    results = {"method": method, "setting": args.setting, "dataset": args.dataset, "seed": args.seed,
+    results = {"method": method_name(args), "setting": args.setting, "dataset": args.dataset, "seed": args.seed,
                "shots": args.shots, "backbone": backbone}
     accs = {}
     for name, (items, classnames) in split.tests.items():
@@ -472,7 +475,7 @@ def main(argv=None):
     results = []
     for dataset, seed in jobs:
         one = argparse.Namespace(**(vars(args) | {"dataset": dataset, "seed": seed}))
-        folder = Path(args.out or f"runs/{METHOD}") / (
+        folder = Path(args.out or f"runs/{method_name(args)}") / (
             "" if args.out and len(jobs) == 1 else f"{args.setting}/{dataset}/shots{args.shots}_seed{seed}")
         one.out = str(folder)
         if (folder / "results.json").exists() and not (args.force or args.eval_only or args.resume):
@@ -480,7 +483,7 @@ def main(argv=None):
             results.append(json.loads((folder / "results.json").read_text()))
             continue
         results.append(run(one))
-    runs_dir = Path(args.out or f"runs/{METHOD}") / ("" if args.out else args.setting)
+    runs_dir = Path(args.out or f"runs/{method_name(args)}") / ("" if args.out else args.setting)
     if len(jobs) > 1 and evaluation.collect(runs_dir, args.setting):
         print(f"\n{evaluation.TABLES[args.setting](runs_dir)}")
     return results[0] if len(jobs) == 1 else results

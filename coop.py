@@ -7,7 +7,9 @@ prompt is filled with any class names: trained on base classes, evaluated on bas
 
     python coop.py                                            # the built-in offline world, CPU, a few minutes
     python coop.py --dataset eurosat --root ~/data            # a real benchmark with OpenAI's ViT-B/16
-    python coop.py --dataset eurosat --root ~/data --eval-only --out runs/coop/eurosat/shots16_seed1
+    python coop.py --dataset eurosat dtd --root ~/data --seed 1 2 3   # 6 runs one after the other, then the table
+    python coop.py --setting crossdataset --root ~/data       # ImageNet -> the 10 other datasets and the 4 variants
+    python coop.py --dataset eurosat --root ~/data --resume   # continue an interrupted run from its last epoch
 
 Defaults are the CoOp re-run of the CaPT paper (ViT-B/16, context "a photo of a", 16 shots, 10 epochs, batch 4,
 SGD lr 0.0035, one warm-up epoch at 1e-5, then per-epoch cosine). CoOp's own base-to-new recipe is
@@ -35,7 +37,6 @@ import data
 import eval as evaluation
 
 parser = argparse.ArgumentParser(description="CoOp: learned prompt context for CLIP")
-METHOD = "coop"
 # shared by every method script
 parser.add_argument("--dataset", nargs="+", default=None,
                     help="dataset name(s) (see data.DATASETS), or 'folder'; default world (imagenet for crossdataset)")
@@ -204,6 +205,11 @@ def evaluate(model, prompt_learner, items, classnames, key, args, device, autoca
     return evaluation.accuracy(F.normalize(features.to(device), dim=-1) @ weights.t(), labels.to(device))
 
 
+def method_name(args):
+    """The name of this run's method in results.json, tables and the default run folder."""
+    return "coop"
+
+
 def run(args):
     """One run: one dataset, one seed, one setting. Writes args.json, checkpoint.pt and results.json in args.out."""
     torch.manual_seed(args.seed)
@@ -230,7 +236,7 @@ def run(args):
         state = {"ctx": prompt_learner.ctx.detach().cpu(), "args": vars(args), "classnames": split.train_classnames}
         evaluation.atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))  # never a half-written checkpoint
 
-    results = {"method": METHOD, "setting": args.setting, "dataset": args.dataset, "seed": args.seed,
+    results = {"method": method_name(args), "setting": args.setting, "dataset": args.dataset, "seed": args.seed,
                "shots": args.shots, "backbone": backbone}
     accs = {}
     for name, (items, classnames) in split.tests.items():
@@ -265,7 +271,7 @@ def main(argv=None):
     results = []
     for dataset, seed in jobs:
         one = argparse.Namespace(**(vars(args) | {"dataset": dataset, "seed": seed}))
-        folder = Path(args.out or f"runs/{METHOD}") / (
+        folder = Path(args.out or f"runs/{method_name(args)}") / (
             "" if args.out and len(jobs) == 1 else f"{args.setting}/{dataset}/shots{args.shots}_seed{seed}")
         one.out = str(folder)
         if (folder / "results.json").exists() and not (args.force or args.eval_only or args.resume):
@@ -273,7 +279,7 @@ def main(argv=None):
             results.append(json.loads((folder / "results.json").read_text()))
             continue
         results.append(run(one))
-    runs_dir = Path(args.out or f"runs/{METHOD}") / ("" if args.out else args.setting)
+    runs_dir = Path(args.out or f"runs/{method_name(args)}") / ("" if args.out else args.setting)
     if len(jobs) > 1 and evaluation.collect(runs_dir, args.setting):
         print(f"\n{evaluation.TABLES[args.setting](runs_dir)}")
     return results[0] if len(jobs) == 1 else results

@@ -55,7 +55,6 @@ import data
 import eval as evaluation
 
 parser = argparse.ArgumentParser(description="DA-VPT: distribution-aware visual prompt tuning on CLIP's ViT")
-METHOD = "davpt"
 # shared by every method script
 parser.add_argument("--dataset", nargs="+", default=None,
                     help="dataset name(s) (see data.DATASETS), 'folder', or an FGVC set read here: cub, nabirds, dogs")
@@ -445,6 +444,11 @@ def load_split(args):
     return split
 
 
+def method_name(args):
+    """The name of this run's method in results.json, tables and the default run folder."""
+    return "davpt"
+
+
 def run(args):
     """One run: one dataset, one seed, one setting. Writes args.json, checkpoint.pt and results.json in args.out."""
     torch.manual_seed(args.seed)
@@ -478,7 +482,7 @@ def run(args):
         state = {"trainable": model.trainable_state(), "mapping": mapping.cpu(), "args": vars(args)}
         evaluation.atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))  # never a half-written checkpoint
 
-    results = {"method": METHOD, "setting": args.setting, "dataset": args.dataset, "seed": args.seed,
+    results = {"method": method_name(args), "setting": args.setting, "dataset": args.dataset, "seed": args.seed,
                "shots": args.shots, "backbone": backbone, "trainable_params": n_train}
     accs = {}
     for name, (items, classnames) in split.tests.items():
@@ -517,7 +521,7 @@ def main(argv=None):
     results = []
     for dataset, seed in jobs:
         one = argparse.Namespace(**(vars(args) | {"dataset": dataset, "seed": seed}))
-        folder = Path(args.out or f"runs/{METHOD}") / (
+        folder = Path(args.out or f"runs/{method_name(args)}") / (
             "" if args.out and len(jobs) == 1 else f"{args.setting}/{dataset}/shots{args.shots}_seed{seed}")
         one.out = str(folder)
         if (folder / "results.json").exists() and not (args.force or args.eval_only or args.resume):
@@ -525,7 +529,7 @@ def main(argv=None):
             results.append(json.loads((folder / "results.json").read_text()))
             continue
         results.append(run(one))
-    runs_dir = Path(args.out or f"runs/{METHOD}") / ("" if args.out else args.setting)
+    runs_dir = Path(args.out or f"runs/{method_name(args)}") / ("" if args.out else args.setting)
     if len(jobs) > 1 and evaluation.collect(runs_dir, args.setting):
         print(f"\n{evaluation.TABLES[args.setting](runs_dir)}")
     return results[0] if len(jobs) == 1 else results

@@ -57,7 +57,6 @@ import data
 import eval as evaluation
 
 parser = argparse.ArgumentParser(description="SemPT: prompt tuning with shared attribute descriptions")
-METHOD = "sempt"
 # shared by every method script
 parser.add_argument("--dataset", nargs="+", default=None,
                     help="dataset name(s) (see data.DATASETS), or 'folder'; default world (imagenet for crossdataset)")
@@ -484,6 +483,11 @@ def attributes_of(model, dataset, classnames, args, autocast):
     return attribute_embeddings(model, names, descriptions, args.cache_dir or Path(args.root) / ".cache", autocast)
 
 
+def method_name(args):
+    """The name of this run's method in results.json, tables and the default run folder."""
+    return "sempt"
+
+
 def run(args):
     """One run: one dataset, one seed, one setting. Writes args.json, checkpoint.pt and results.json in args.out."""
     if args.describe:  # not a run: write the dataset's description file with an LLM
@@ -520,7 +524,7 @@ def run(args):
         evaluation.atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))  # never a half-written checkpoint
         seen = set(split.train_classnames)
 
-    results = {"method": METHOD, "setting": args.setting, "dataset": args.dataset, "seed": args.seed,
+    results = {"method": method_name(args), "setting": args.setting, "dataset": args.dataset, "seed": args.seed,
                "shots": args.shots, "backbone": backbone}
     accs = {}
     for name, (items, classnames) in split.tests.items():
@@ -579,7 +583,7 @@ def main(argv=None):
     results = []
     for dataset, seed in jobs:
         one = argparse.Namespace(**(vars(args) | {"dataset": dataset, "seed": seed}))
-        folder = Path(args.out or f"runs/{METHOD}") / (
+        folder = Path(args.out or f"runs/{method_name(args)}") / (
             "" if args.out and len(jobs) == 1 else f"{args.setting}/{dataset}/shots{args.shots}_seed{seed}")
         one.out = str(folder)
         if (folder / "results.json").exists() and not (args.force or args.eval_only or args.resume):
@@ -587,7 +591,7 @@ def main(argv=None):
             results.append(json.loads((folder / "results.json").read_text()))
             continue
         results.append(run(one))
-    runs_dir = Path(args.out or f"runs/{METHOD}") / ("" if args.out else args.setting)
+    runs_dir = Path(args.out or f"runs/{method_name(args)}") / ("" if args.out else args.setting)
     if len(jobs) > 1 and evaluation.collect(runs_dir, args.setting):
         print(f"\n{evaluation.TABLES[args.setting](runs_dir)}")
     return results[0] if len(jobs) == 1 else results

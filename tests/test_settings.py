@@ -127,3 +127,14 @@ def test_kill_and_resume_ends_exactly_as_an_uninterrupted_run(tmp_path):
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "cut"))
     assert (a["base_acc"], a["new_acc"]) == (b["base_acc"], b["new_acc"])
+
+
+def test_each_capt_variant_has_its_own_default_run_folder(tiny, tmp_path, monkeypatch):
+    """CaPT, DeCaPT and the conditions never skip each other's runs: the default folder is named after the method."""
+    import capt
+    monkeypatch.chdir(tmp_path)
+    argv = ["--dataset", "folder", "--root", str(tiny / "ds"), "--backbone", str(tiny / "clip.pt"), "--shots", "2",
+            "--epochs", "1", "--device", "cpu", "--workers", "0"]
+    for extra, method in [([], "coop+text"), (["--decapt"], "decapt"), (["--condition", "noise"], "coop+noise")]:
+        assert capt.main(argv + extra)["method"] == method
+        assert (tmp_path / "runs" / method / "base2new" / "folder" / "shots2_seed1" / "results.json").exists()
