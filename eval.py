@@ -54,12 +54,13 @@ def image_features(model, loader, device, autocast, desc="features", normalize=T
 # ---------------------------------------------------------------------------------------------------------------
 # Feature store: frozen image features on disk, reused by every text-side method and seed.
 
-def model_fingerprint(model):
-    """sha256 over the image encoder's weights: the backbone part of a store key."""
+def model_fingerprint(model, keep=lambda name: name.startswith("visual.")):
+    """sha256 over the weights whose names pass `keep` (default: the image encoder's): the backbone part of a key."""
     h = hashlib.sha256()
-    for name, t in sorted(model.visual.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    for name, t in sorted(model.state_dict().items()):
+        if keep(name):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

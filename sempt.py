@@ -266,21 +266,12 @@ def load_descriptions(path, classnames):
     return attributes, out
 
 
-def text_fingerprint(model):
-    """sha256 over the text encoder's weights: the backbone part of the attribute-cache key."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        if not name.startswith("visual."):
-            h.update(name.encode())
-            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 @torch.no_grad()
 def attribute_embeddings(model, attributes, descriptions, cache_dir, autocast, chunk=256):
     """{class: (K, E)}: per attribute, the mean of its J sentences' normalised features, normalised. Cached on disk."""
     names = list(descriptions)
-    key = hashlib.sha256(json.dumps([text_fingerprint(model), attributes, descriptions], sort_keys=True).encode()).hexdigest()
+    text_weights = evaluation.model_fingerprint(model, keep=lambda name: not name.startswith("visual."))
+    key = hashlib.sha256(json.dumps([text_weights, attributes, descriptions], sort_keys=True).encode()).hexdigest()
     path = Path(cache_dir) / f"sempt_attributes_{key[:32]}.pt"
     if path.exists():
         try:
