@@ -207,7 +207,7 @@ def evaluate(model, prompt_learner, items, classnames, key, args, device, autoca
 
 def method_name(args):
     """The name of this run's method in results.json, tables and the default run folder."""
-    return "coop"
+    return "zero-shot" if args.epochs == 0 else "coop"  # no training: CLIP with the initial prompt "a photo of a {}."
 
 
 def run(args):
