@@ -351,9 +351,10 @@ def predict(capt, model, f, rows, args, autocast):
     (slice(None) for the trained classes, the ImageNet labels of ImageNet-A/-R's 200 classes, ...)."""
     logit_scale = model.logit_scale.exp().float()
     eot = capt.prompt_learner.eot_idx
-    if capt.condition == "image":  # per-image prompts: B x K prompts per batch of images
+    if capt.condition == "image":  # per-image prompts: B x K of them, so about 64 chunks' worth of images at a time
+        per = max(1, args.chunk * 64 // len(eot))  # ImageNet (K = 1000): 4 images = 4,000 prompts per batch
         logits = torch.cat([itm_logits(fb, encode_prompts(model, capt.prompts(capt.offsets(fb)), eot, autocast, args.chunk),
-                                       logit_scale) for fb in f.split(args.batch_size * 8)])  # (N, K)
+                                       logit_scale) for fb in f.split(per)])  # (N, K)
     else:
         logits = itm_logits(f, encode_prompts(model, capt.prompts(capt.offsets()), eot, autocast, args.chunk), logit_scale)
     if rows is None:
