@@ -109,6 +109,8 @@ parser.add_argument("--llm-url", default="https://api.openai.com/v1", help="base
 parser.add_argument("--llm-model", default="gpt-4o", help="chat model name")
 parser.add_argument("--llm-key-env", default="OPENAI_API_KEY", help="NAME of the environment variable holding the API key")
 parser.add_argument("--llm-timeout", type=float, default=120.0, help="seconds to wait for one answer")
+parser.add_argument("--llm-json-mode", action=argparse.BooleanOptionalAction, default=True,
+                    help="ask for response_format json_object (--no-llm-json-mode for servers without it)")
 parser.add_argument("--llm-retries", type=int, default=5, help="tries per question before giving up")
 parser.add_argument("--llm-backoff", type=float, default=2.0, help="first wait between tries, doubled after each")
 parser.add_argument("--domain", default=None, help="what the dataset shows, for the prompts (default: per dataset)")
@@ -138,11 +140,11 @@ DOMAINS = {"world": "small rendered images of coloured shapes on a dark noisy ba
 # ---------------------------------------------------------------------------------------------------------------
 # Writing the descriptions: two-step prompting against any OpenAI-compatible chat-completions endpoint.
 
-def ask(url, model, messages, key, timeout):
+def ask(url, model, messages, key, timeout, json_mode=True):
     """One chat completion over plain HTTP + JSON; returns the answer's text."""
     url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else "/chat/completions")
-    body = json.dumps({"model": model, "messages": messages, "temperature": 0,
-                       "response_format": {"type": "json_object"}}).encode()
+    body = {"model": model, "messages": messages, "temperature": 0}
+    body = json.dumps(body | ({"response_format": {"type": "json_object"}} if json_mode else {})).encode()
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -191,14 +193,15 @@ def cached_answer(prompt, validate, args, key, cache_dir, what):
     delay, error = args.llm_backoff, None
     for attempt in range(1, args.llm_retries + 1):
         try:
-            answer = parse_json(ask(args.llm_url, args.llm_model, messages, key, args.llm_timeout))
+            answer = parse_json(ask(args.llm_url, args.llm_model, messages, key, args.llm_timeout, args.llm_json_mode))
             result = validate(answer)
             evaluation.save_json(path, answer)
             return result
         except urllib.error.HTTPError as e:
             if e.code in (400, 401, 403, 404):
                 raise SystemExit(f"the LLM endpoint refused the request for {what} (HTTP {e.code}): check --llm-url, "
-                                 f"--llm-model and the key in ${args.llm_key_env}") from None
+                                 f"--llm-model and the key in ${args.llm_key_env} (servers without JSON mode answer "
+                                 f"400: add --no-llm-json-mode)") from None
             error = f"HTTP {e.code}"
         except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as e:
             error = f"no answer ({getattr(e, 'reason', e)})"

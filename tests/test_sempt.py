@@ -142,7 +142,7 @@ class FakeLLM:
     """An OpenAI-compatible /v1/chat/completions on 127.0.0.1 that plays a script of behaviours, then answers well."""
 
     def __init__(self):
-        self.script, self.answered, self.requests, self.keys = [], [], 0, []
+        self.script, self.answered, self.requests, self.keys, self.formats = [], [], 0, [], []
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -153,6 +153,7 @@ class FakeLLM:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests += 1
                 fake.keys.append(self.headers.get("Authorization"))
+                fake.formats.append(body.get("response_format"))
                 behaviour = fake.script.pop(0) if fake.script else "good"
                 prompt = body["messages"][-1]["content"]
                 if behaviour == "500":
@@ -215,6 +216,14 @@ def test_generator_survives_bad_answers_and_keeps_the_key_secret(tiny, tmp_path,
     written = [p.read_text() for p in tmp_path.rglob("*") if p.is_file()]
     assert written and not any(KEY in text for text in written)  # ... and nothing on disk
     assert KEY not in capsys.readouterr().out  # ... nor the log
+
+
+def test_generator_json_mode_can_be_switched_off(tiny, tmp_path, llm):
+    sempt.main(describe_argv(tiny, tmp_path / "a.json", llm.url))
+    assert llm.formats and all(f == {"type": "json_object"} for f in llm.formats)
+    llm.formats.clear()
+    sempt.main(describe_argv(tiny, tmp_path / "b.json", llm.url) + ["--no-llm-json-mode"])
+    assert llm.formats and all(f is None for f in llm.formats)
 
 
 def test_generator_gives_up_with_a_clear_error(tiny, tmp_path, llm):
