@@ -22,9 +22,9 @@ Paper numbers (11-dataset base-to-new averages, ViT-B/16, 16 shots, 3 seeds; Bas
     fixed random noise 80.89 / 72.04 / 76.20; mean image feature 80.46 / 72.74 / 76.41; per-class mean image feature
     81.03 / 73.93 / 77.32; text (TCI) 81.36 / 72.92 / 76.91.
 
-The margin-ITM loss keeps the official code's sign: z'_j = z_j - s*m_j with m_j = eps/(C-1) * S[y, j] for j != y and
-m_y = -sum of the others, so the TARGET logit is RAISED (a similarity-weighted label smoothing, the opposite of a
-CosFace margin). --epsilon 0 gives plain cross-entropy.
+Margin-ITM (the official sign): z'_j = z_j - s*m_j with m_j = eps/(C-1) * S[y, j] for j != y and m_y = -sum of the
+others, so the TARGET logit is RAISED (a similarity-weighted label smoothing, the opposite of a CosFace margin).
+--epsilon 0 gives plain cross-entropy.
 
 Deviations from the official code:
 - fp32 master weights (context, meta-net, CAT head) with bf16 autocast for the frozen CLIP on CUDA; the official
@@ -38,16 +38,13 @@ Deviations from the official code:
   text_projection's width for both); weights initialised U(+-1/sqrt(out_features)) as the code's custom Linear.
 - DeCaPT fuses ITM and CAT logits on base classes, as DePT's and CaPT's code do; DePT's paper writes the fusion
   on probabilities (--fusion probs).
-- Text prompts run only up to the longest prompt (exact); the image condition runs its B x K prompts in chunks
+- Text prompts run only up to the longest prompt (exact); the image condition runs its B x C prompts in chunks
   with activation checkpointing, so memory stays bounded.
 
-Dimension legend: B batch, K classes, M context tokens, T text tokens, D text width, E joint embedding, h hidden.
+Dimension legend: B batch, C classes, M context tokens, T text tokens, D text width, E joint embedding, h hidden.
 """
-import argparse
-import json
 import math
-import time
-from pathlib import Path
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -59,39 +56,9 @@ import clip
 import data
 import eval as evaluation
 
-parser = argparse.ArgumentParser(description="CaPT / DeCaPT: class-adaptive prompt tuning")
-# shared by every method script
-parser.add_argument("--dataset", nargs="+", default=None,
-                    help="dataset name(s) (see data.DATASETS), or 'folder'; default world (imagenet for crossdataset)")
-parser.add_argument("--root", default="data", help="folder holding the datasets (CoOp's layout)")
-parser.add_argument("--shots", type=int, default=16, help="training images per class (papers: 16)")
-parser.add_argument("--seed", type=int, nargs="+", default=[1],
-                    help="seed(s) of the few-shot sample and the training (papers: 1 2 3); one run per dataset and seed")
-parser.add_argument("--backbone", default="auto",
-                    help="OpenAI model name (ViT-B/16 ...) or checkpoint path; auto = the world's CLIP on world, else ViT-B/16")
-parser.add_argument("--epochs", type=int, default=10, help="training epochs (CaPT: 10)")
-parser.add_argument("--batch-size", type=int, default=4, help="training batch size (CaPT: 4)")
-parser.add_argument("--lr", type=float, default=0.0035, help="SGD learning rate of prompt and meta-net (CaPT: 0.0035)")
-parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ...; auto = cuda if available")
-parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                    help="autocast dtype of the frozen encoders on CUDA (auto = bf16 on CUDA, fp32 on CPU)")
-parser.add_argument("--out", default=None,
-                    help="run folder of a single run; for several, their parent (default runs/<method>/<setting>/<dataset>/shots<k>_seed<s>, method e.g. coop+text, decapt)")
-parser.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint saved in --out, no training")
-parser.add_argument("--download", action="store_true", help="fetch the dataset with torchvision if it is missing")
-parser.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(4, cores))")
-parser.add_argument("--store", default="auto",
-                    help="feature store for frozen image features (auto = <root>/.cache/features; none = off)")
-parser.add_argument("--setting", default="base2new", choices=["base2new", "fewshot", "crossdataset"],
-                    help="base2new: train base, test base and new; fewshot: all classes; crossdataset: train on the "
-                         "source, test on --targets")
-parser.add_argument("--targets", nargs="+", default=data.CROSS_TARGETS,
-                    help="crossdataset: datasets evaluated with their own class names and templates")
-parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished epoch")
-parser.add_argument("--force", action="store_true", help="redo runs that already have results.json")
-parser.add_argument("--cache-views", type=int, default=0,
-                    help="K > 0: encode K augmented views of each training image once and train on features")
-# method (None = the released config of the chosen setting, CaPT configs / A.8 of the notes)
+parser = evaluation.parser("CaPT / DeCaPT: class-adaptive prompt tuning", epochs=10, batch_size=4, lr=0.0035,
+                           recipe="CaPT")
+# method (unset: the released config of the chosen variant, PRESETS below)
 parser.add_argument("--condition", default="text", choices=["none", "image", "noise", "text"],
                     help="the meta-net's input: none = CoOp, image = CoCoOp, noise = one fixed random vector, text = CaPT")
 parser.add_argument("--base", default="coop", choices=["coop", "kgcoop"], help="the unconditional method CaPT plugs into")
@@ -108,77 +75,71 @@ parser.add_argument("--cat-lr-mult", type=float, default=18.0, help="learning-ra
 parser.add_argument("--chunk", type=int, default=64, help="image condition: prompts per text-encoder call")
 parser.add_argument("--ctx-init", default="a photo of a", help="words the context starts from")
 parser.add_argument("--n-ctx", type=int, default=4, help="context length when --ctx-init is ''")
-parser.add_argument("--csc", action="store_true", help=argparse.SUPPRESS)  # PromptLearner's option; not used by CaPT
 parser.add_argument("--warmup-lr", type=float, default=1e-5, help="constant learning rate of the warm-up epoch")
 parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Dassl default)")
 parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (Dassl default)")
 
-# released configs: (scale, hidden, dropout, epsilon)
-SETTINGS = {"coop": (0.5, 32, 0.1, 0.0031), "kgcoop": (1.0, 32, 0.0, 0.001), "decapt": (0.9, 64, 0.1, 0.0008)}
+# The released configs (configs.py and configs/trainers/UCP*/*.yaml of Koorye/CaPT), per variant.
+PRESETS = {
+    "coop": dict(scale=0.5, hidden=32, dropout=0.1, epsilon=0.0031),  # UCPCoOp
+    "kgcoop": dict(scale=1.0, hidden=32, dropout=0.0, epsilon=0.001),  # UCPKgCoOp
+    "decapt": dict(scale=0.9, hidden=64, dropout=0.1, epsilon=0.0008),  # UCPKgCoOpDePT
+}
+
+
+@dataclass
+class CaPTConfig:
+    """What the model and the loss take, resolved from the flags once (see `configure`)."""
+    condition: str = "text"
+    base: str = "coop"
+    decapt: bool = False
+    scale: float = 0.5
+    hidden: int = 32
+    dropout: float = 0.1
+    epsilon: float = 0.0031
+    kg_weight: float = 1.5
+    cat_weight: float = 0.7
+    fusion: str = "logits"
+    chunk: int = 64
+    ctx_init: str = "a photo of a"
+    n_ctx: int = 4
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 # Copied from coop.py: PromptLearner
 class PromptLearner(nn.Module):
-    """Builds the K prompts [SOS] ctx_1 .. ctx_M name_1 .. name_n . [EOS] as token embeddings (K, T, D)."""
+    """Builds the C prompts [SOS] ctx_1 .. ctx_M name_1 .. name_n . [EOS] as token embeddings (C, T, D)."""
 
-    def __init__(self, model, classnames, ctx_init="a photo of a", n_ctx=4, csc=False):
+    def __init__(self, model, classnames, ctx_init="a photo of a", n_ctx=4):
         super().__init__()
-        D = model.token_embedding.embedding_dim
         if ctx_init:
             n_ctx = len(clip.tokenize(ctx_init)[0].nonzero()) - 2  # tokens between SOS and EOS
             with torch.no_grad():
                 init = model.token_embedding(clip.tokenize(ctx_init).to(model.positional_embedding.device))
             ctx = init[0, 1:1 + n_ctx].float()  # (M, D)
-            if csc:
-                ctx = ctx.expand(len(classnames), -1, -1).clone()  # (K, M, D)
         else:
-            ctx = torch.randn(len(classnames), n_ctx, D) if csc else torch.randn(n_ctx, D)
-            ctx = ctx * 0.02  # N(0, 0.02^2), CoOp's random init
-        self.ctx = nn.Parameter(ctx)  # (M, D) or (K, M, D); fp32 whatever the encoder's dtype
+            ctx = torch.randn(n_ctx, model.token_embedding.embedding_dim) * 0.02  # (M, D), CoOp's N(0, 0.02^2)
+        self.ctx = nn.Parameter(ctx)  # (M, D); fp32 whatever the encoder's dtype
         self.n_ctx = n_ctx
         self.set_classnames(model, classnames)
 
     def set_classnames(self, model, classnames):
         """Token embeddings of everything around the context, for this class list (rebuilt, never saved)."""
         placeholder = " ".join(["X"] * self.n_ctx)
-        tokens = clip.tokenize([f"{placeholder} {c}." for c in classnames]).to(self.ctx.device)  # (K, 77)
-        self.eot_idx = tokens.argmax(dim=-1)  # (K,)
+        tokens = clip.tokenize([f"{placeholder} {c}." for c in classnames]).to(self.ctx.device)  # (C, 77)
+        self.eot_idx = tokens.argmax(dim=-1)  # (C,)
         T = int(self.eot_idx.max()) + 1  # exact truncation: nothing after the last EOS is ever attended to
         with torch.no_grad():
-            embedding = model.token_embedding(tokens[:, :T]).float()  # (K, T, D)
-        self.register_buffer("prefix", embedding[:, :1], persistent=False)  # (K, 1, D)  [SOS]
-        self.register_buffer("suffix", embedding[:, 1 + self.n_ctx:], persistent=False)  # (K, T-1-M, D)
+            embedding = model.token_embedding(tokens[:, :T]).float()  # (C, T, D)
+        self.register_buffer("prefix", embedding[:, :1], persistent=False)  # (C, 1, D)  [SOS]
+        self.register_buffer("suffix", embedding[:, 1 + self.n_ctx:], persistent=False)  # (C, T-1-M, D)
 
     def forward(self):
-        K = self.prefix.shape[0]
-        ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.expand(K, -1, -1)  # (K, M, D)
-        return torch.cat([self.prefix, ctx, self.suffix], dim=1)
-
-
-# Copied from coop.py: resolve_device
-def resolve_device(device, precision):
-    """(device, autocast factory): bf16 autocast for the frozen encoders on CUDA by default, fp32 on CPU."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    precision = ("bf16" if device.startswith("cuda") else "fp32") if precision == "auto" else precision
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    enabled = dtype != torch.float32
-    return device, lambda: torch.autocast(device.split(":")[0], dtype=dtype, enabled=enabled)
-
-
-# Copied from coop.py: store
-def store(args):
-    """The feature-store folder of --store (None when off)."""
-    if args.store == "none":
-        return None
-    return Path(args.root) / ".cache" / "features" if args.store == "auto" else Path(args.store)
-
-
-# Copied from coop.py: lr_at_epoch
-def lr_at_epoch(epoch, lr, epochs, warmup_lr):
-    """Dassl's schedule: epoch 0 at warmup_lr, then cosine over the epochs, stepped once per epoch."""
-    if epoch == 0:
-        return warmup_lr
-    return 0.5 * lr * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+        ctx = self.ctx.expand(self.prefix.shape[0], -1, -1)  # (C, M, D)
+        return torch.cat([self.prefix, ctx, self.suffix], dim=1)  # (C, T, D)
 
 
 class MetaNet(nn.Module):
@@ -210,18 +171,17 @@ class FiLM(nn.Module):
 class CaPT(nn.Module):
     """CoOp's context + a meta-net offset from the chosen condition (+ DePT's CAT head for DeCaPT)."""
 
-    def __init__(self, model, classnames, template, args):
+    def __init__(self, model, classnames, template, cfg, seed=1):
         super().__init__()
         E, D = model.text_projection.shape[1], model.token_embedding.embedding_dim
-        self.condition, self.scale, self.template = args.condition, args.scale, template
-        self.prompt_learner = PromptLearner(model, classnames, args.ctx_init, args.n_ctx)
-        self.meta = MetaNet(E, D, args.hidden, args.dropout) if args.condition != "none" else None
-        g = torch.Generator().manual_seed(args.seed)
+        self.cfg, self.template = cfg, template
+        self.prompt_learner = PromptLearner(model, classnames, cfg.ctx_init, cfg.n_ctx)
+        self.meta = MetaNet(E, D, cfg.hidden, cfg.dropout) if cfg.condition != "none" else None
+        g = torch.Generator().manual_seed(seed)
         self.register_buffer("noise", torch.randn(1, E, generator=g))  # (1, E) the fixed vector; saved with the run
-        if args.decapt:  # DePT's CAT head: FiLM on each modality + one linear classifier over the base classes
+        if cfg.decapt:  # DePT's CAT head: FiLM on each modality + one linear classifier over the base classes
             self.film_text, self.film_image = FiLM(E), FiLM(E)
             self.classifier = nn.Linear(E, len(classnames))
-        self.decapt = args.decapt
 
     @torch.no_grad()
     def set_classnames(self, model, classnames, autocast, template=None):
@@ -230,34 +190,34 @@ class CaPT(nn.Module):
         template = template or self.template  # a cross-dataset target's TCI uses that dataset's template
         tokens = clip.tokenize([template.format(c) for c in classnames]).to(self.noise.device)
         with autocast():
-            self.tci = model.encode_text(tokens).float()  # (K, E) unnormalised TCI = CLIP's hand-crafted features
+            self.tci = model.encode_text(tokens).float()  # (C, E) unnormalised TCI = CLIP's hand-crafted features
         tci = F.normalize(self.tci, dim=-1)
-        self.tci_similarity = tci @ tci.t()  # (K, K), the margin-ITM's S
+        self.tci_similarity = tci @ tci.t()  # (C, C), the margin-ITM's S
 
     def offsets(self, image_features=None):
-        """(K, D), (1, D) or (B, D) offsets for the context tokens; None for the unconditioned CoOp."""
-        if self.condition == "none":
+        """(C, D), (1, D) or (B, D) offsets for the context tokens; None for the unconditioned CoOp."""
+        if self.cfg.condition == "none":
             return None
-        condition = {"text": self.tci, "noise": self.noise}.get(self.condition)
-        if self.condition == "image":
+        condition = {"text": self.tci, "noise": self.noise}.get(self.cfg.condition)
+        if self.cfg.condition == "image":
             condition = F.normalize(image_features, dim=-1)  # (B, E), CoCoOp's input
-        return self.meta(self.scale * condition)
+        return self.meta(self.cfg.scale * condition)
 
     def prompts(self, offsets):
-        """Token embeddings (K, T, D), or (B, K, T, D) for per-image offsets, with the offsets on the context."""
-        prompts = self.prompt_learner()  # (K, T, D)
+        """Token embeddings (C, T, D), or (B, C, T, D) for per-image offsets, with the offsets on the context."""
+        prompts = self.prompt_learner()  # (C, T, D)
         if offsets is None:
             return prompts
         M, T = self.prompt_learner.n_ctx, prompts.shape[1]
         on_context = torch.zeros(T, 1, device=prompts.device)  # (T, 1): 1 at positions 1..M
         on_context[1:1 + M] = 1
-        if self.condition == "image":
-            return prompts + offsets[:, None, None, :] * on_context  # (B, K, T, D)
-        return prompts + offsets[:, None, :] * on_context  # (K, T, D)
+        if self.cfg.condition == "image":
+            return prompts + offsets[:, None, None, :] * on_context  # (B, C, T, D)
+        return prompts + offsets[:, None, :] * on_context  # (C, T, D)
 
 
 def encode_prompts(model, prompts, eot_idx, autocast, chunk):
-    """Raw text features of prompts (K, T, D) -> (K, E), or (B, K, T, D) -> (B, K, E) in chunks of `chunk` prompts.
+    """Raw text features of prompts (C, T, D) -> (C, E), or (B, C, T, D) -> (B, C, E) in chunks of `chunk` prompts.
 
     With gradients on, each chunk is checkpointed (recomputed in backward), so memory holds one chunk's activations.
     """
@@ -267,19 +227,19 @@ def encode_prompts(model, prompts, eot_idx, autocast, chunk):
 
     if prompts.dim() == 3:
         return run(prompts, eot_idx)
-    B, K, T, D = prompts.shape
-    flat, eot = prompts.reshape(B * K, T, D), eot_idx.repeat(B)  # (B*K, T, D), (B*K,)
+    B, C, T, D = prompts.shape
+    flat, eot = prompts.reshape(B * C, T, D), eot_idx.repeat(B)  # (B*C, T, D), (B*C,)
     out = [checkpoint(run, flat[i:i + chunk], eot[i:i + chunk], use_reentrant=False) if torch.is_grad_enabled()
-           else run(flat[i:i + chunk], eot[i:i + chunk]) for i in range(0, B * K, chunk)]
-    return torch.cat(out).view(B, K, -1)  # (B, K, E)
+           else run(flat[i:i + chunk], eot[i:i + chunk]) for i in range(0, B * C, chunk)]
+    return torch.cat(out).view(B, C, -1)  # (B, C, E)
 
 
 def itm_logits(image_features, text_features, logit_scale):
-    """CLIP's cosine logits (B, K) for shared (K, E) or per-image (B, K, E) text features."""
+    """CLIP's cosine logits (B, C) for shared (C, E) or per-image (B, C, E) text features."""
     f, g = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
     if g.dim() == 2:
-        return logit_scale * f @ g.t()  # (B, K)
-    return logit_scale * torch.einsum("be,bke->bk", f, g)  # (B, K)
+        return logit_scale * f @ g.t()  # (B, C)
+    return logit_scale * torch.einsum("be,bce->bc", f, g)  # (B, C)
 
 
 def margin_itm_loss(logits, labels, similarity, epsilon, logit_scale):
@@ -299,195 +259,110 @@ def kgcoop_loss(text_features, tci):
     return 1 - F.cosine_similarity(text_features, tci.expand_as(text_features), dim=-1).mean()
 
 
-def step_loss(capt, model, f, labels, args, autocast, logit_scale):
+def step_loss(capt, model, f, labels, autocast):
     """(loss, ITM logits) of one batch of raw image features f (B, E): margin-ITM (+ KgCoOp) (+ DeCaPT's CAT head)."""
-    g = encode_prompts(model, capt.prompts(capt.offsets(f)), capt.prompt_learner.eot_idx, autocast, args.chunk)
-    logits = itm_logits(f, g, logit_scale)  # (B, K)
-    loss = margin_itm_loss(logits, labels, capt.tci_similarity, args.epsilon, logit_scale)
-    if args.decapt:  # both modalities through the one classifier: [FiLM_t(g_y) ; FiLM_i(f)] with labels [y ; y]
+    cfg, logit_scale = capt.cfg, model.logit_scale.exp().float()
+    g = encode_prompts(model, capt.prompts(capt.offsets(f)), capt.prompt_learner.eot_idx, autocast, cfg.chunk)
+    logits = itm_logits(f, g, logit_scale)  # (B, C)
+    loss = margin_itm_loss(logits, labels, capt.tci_similarity, cfg.epsilon, logit_scale)
+    if cfg.decapt:  # both modalities through the one classifier: [FiLM_t(g_y) ; FiLM_i(f)] with labels [y ; y]
         cat_in = torch.cat([capt.film_text(g[labels]), capt.film_image(f)])  # (2B, E)
         cat_loss = F.cross_entropy(capt.classifier(cat_in), torch.cat([labels, labels]))
-        loss = (1 - args.cat_weight) * loss + args.cat_weight * cat_loss
-    if args.base == "kgcoop":
-        loss = loss + args.kg_weight * kgcoop_loss(g, capt.tci)
+        loss = (1 - cfg.cat_weight) * loss + cfg.cat_weight * cat_loss
+    if cfg.base == "kgcoop":
+        loss = loss + cfg.kg_weight * kgcoop_loss(g, capt.tci)
     return loss, logits
 
 
 def train(capt, model, split, args, device, autocast):
     """SGD over context, meta-net (and CAT head at lr x cat-lr-mult); one line per epoch; a snapshot at each end."""
-    resolution = model.visual.input_resolution
-    train_transform = data.transform(resolution, train=True, crop_scale=split.crop_scale)
-    batches = evaluation.training_batches(model, split.train, train_transform, args.batch_size, device, autocast,
-                                          args.seed, args.cache_views, store(args), args.dataset, args.workers)
+    transform = data.transform(model.visual.input_resolution, train=True, crop_scale=split.crop_scale)
+    batches = data.training_batches(model, split.train, transform, args.batch_size, seed=args.seed, device=device,
+                                    autocast=autocast, views=args.cache_views, store=evaluation.store_dir(args),
+                                    dataset=args.dataset, num_workers=args.workers)
     head = [p for n, p in capt.named_parameters() if n.startswith(("film_", "classifier"))]
     rest = [p for n, p in capt.named_parameters() if not n.startswith(("film_", "classifier"))]
     groups = [{"params": rest, "base_lr": args.lr}] + ([{"params": head, "base_lr": args.lr * args.cat_lr_mult}] if head else [])
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    start = resume(capt, optimizer, args)
-    logit_scale = model.logit_scale.exp().float()
+    start, _ = evaluation.resume(args.out, capt, optimizer) if args.resume else (0, {})
     for epoch in range(start, args.epochs):
         for group in optimizer.param_groups:  # the warm-up epoch sets every group to warmup_lr
-            group["lr"] = lr_at_epoch(epoch, group["base_lr"], args.epochs, args.warmup_lr)
+            group["lr"] = evaluation.lr_at_epoch(epoch, group["base_lr"], args.epochs, args.warmup_lr)
         capt.train()
-        total_loss, correct, seen = 0.0, 0, 0
+        meter = evaluation.Meter()
         for features, labels in tqdm(batches(epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
-            loss, logits = step_loss(capt, model, features, labels, args, autocast, logit_scale)
+            loss, logits = step_loss(capt, model, features, labels, autocast)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += loss.item() * len(labels)
-            correct += (logits.argmax(-1) == labels).sum().item()
-            seen += len(labels)
-        print(f"epoch {epoch + 1}/{args.epochs}  loss {total_loss / seen:.4f}  train acc {100 * correct / seen:.1f}  "
-              f"lr {optimizer.param_groups[0]['lr']:.2e}")
-        snapshot(capt, optimizer, epoch, args)
+            meter.add(loss, logits, labels)
+        print(f"epoch {epoch + 1}/{args.epochs}  {meter}  lr {optimizer.param_groups[0]['lr']:.2e}")
+        evaluation.snapshot(args.out, capt, optimizer, epoch)
 
 
 @torch.no_grad()
-def predict(capt, model, f, rows, args, autocast):
-    """(N, K) logits from raw image features f (N, E).
+def predict(capt, model, f, rows, autocast):
+    """(N, C) logits from raw image features f (N, E).
 
     rows: None = ITM only; else DeCaPT's fusion (1-lambda)*ITM + lambda*CAT with the CAT head's outputs `rows`
     (slice(None) for the trained classes, the ImageNet labels of ImageNet-A/-R's 200 classes, ...)."""
-    logit_scale = model.logit_scale.exp().float()
-    eot = capt.prompt_learner.eot_idx
-    if capt.condition == "image":  # per-image prompts: B x K of them, so about 64 chunks' worth of images at a time
-        per = max(1, args.chunk * 64 // len(eot))  # ImageNet (K = 1000): 4 images = 4,000 prompts per batch
-        logits = torch.cat([itm_logits(fb, encode_prompts(model, capt.prompts(capt.offsets(fb)), eot, autocast, args.chunk),
-                                       logit_scale) for fb in f.split(per)])  # (N, K)
+    cfg, logit_scale, eot = capt.cfg, model.logit_scale.exp().float(), capt.prompt_learner.eot_idx
+    if cfg.condition == "image":  # per-image prompts: B x C of them, so about 64 chunks' worth of images at a time
+        per = max(1, cfg.chunk * 64 // len(eot))  # ImageNet (C = 1000): 4 images = 4,000 prompts per batch
+        logits = torch.cat([itm_logits(fb, encode_prompts(model, capt.prompts(capt.offsets(fb)), eot, autocast, cfg.chunk),
+                                       logit_scale) for fb in f.split(per)])  # (N, C)
     else:
-        logits = itm_logits(f, encode_prompts(model, capt.prompts(capt.offsets()), eot, autocast, args.chunk), logit_scale)
+        logits = itm_logits(f, encode_prompts(model, capt.prompts(capt.offsets()), eot, autocast, cfg.chunk), logit_scale)
     if rows is None:
         return logits
-    cat_logits = capt.classifier(capt.film_image(f))[:, rows]  # (N, K) the CAT head, trained classes only
-    if args.fusion == "probs":  # DePT's paper: fuse probabilities
-        return (1 - args.cat_weight) * logits.softmax(-1) + args.cat_weight * cat_logits.softmax(-1)
-    return (1 - args.cat_weight) * logits + args.cat_weight * cat_logits  # DePT's code: fuse logits
+    cat_logits = capt.classifier(capt.film_image(f))[:, rows]  # (N, C) the CAT head, trained classes only
+    if cfg.fusion == "probs":  # DePT's paper: fuse probabilities
+        return (1 - cfg.cat_weight) * logits.softmax(-1) + cfg.cat_weight * cat_logits.softmax(-1)
+    return (1 - cfg.cat_weight) * logits + cfg.cat_weight * cat_logits  # DePT's code: fuse logits
 
 
 @torch.no_grad()
-def evaluate(capt, model, items, classnames, key, template, rows, args, device, autocast):
+def evaluate(capt, model, test, args, device, autocast):
     """Accuracy on one test set: text features once per class list (per image batch for the image condition).
 
-    key: (dataset, split) naming the test set in the feature store; rows: see predict."""
+    DeCaPT fuses its CAT head only on classes it was trained on: base / all of the source, and ImageNet's variants
+    through their ImageNet labels; new classes and other datasets get the ITM head only."""
     capt.eval()
-    capt.set_classnames(model, classnames, autocast, template)
-    transform = data.transform(model.visual.input_resolution, train=False)
-    f, labels = evaluation.stored_image_features(model, items, transform, *key, store(args), device,
-                                                 autocast)  # (N, E) raw: the CAT head reads unnormalised features
-    return evaluation.accuracy(predict(capt, model, f.to(device), rows, args, autocast), labels.to(device))
+    capt.set_classnames(model, test.classnames, autocast, test.template)
+    f, labels = evaluation.stored_test_features(model, test, args, device, autocast)  # (N, E) raw: the CAT head reads them
+    rows = slice(None) if test.name in ("base", "all") else test.imagenet_rows
+    return evaluation.accuracy(predict(capt, model, f, rows if capt.cfg.decapt else None, autocast), labels)
 
 
-def method_name(args):
-    """The name of this run's method in results.json, tables and the default run folder."""
-    return "decapt" if args.decapt else f"{args.base}+{args.condition}"  # coop+text = CaPT
+def configure(args):
+    """DeCaPT implies KgCoOp + text; unset method flags take the released config of the variant."""
+    if args.decapt and args.condition != "text":
+        raise ValueError("--decapt is KgCoOp + CaPT with the text condition; drop --condition")
+    if args.decapt:
+        args.base = "kgcoop"
+    evaluation.fill(args, PRESETS["decapt" if args.decapt else args.base])
+    args.method = "decapt" if args.decapt else f"{args.base}+{args.condition}"  # coop+text = CaPT
 
 
 def run(args):
-    """One run: one dataset, one seed, one setting. Writes args.json, checkpoint.pt and results.json in args.out."""
-    if args.decapt:
-        if args.condition != "text":
-            raise SystemExit("--decapt is KgCoOp + CaPT with the text condition; drop --condition")
-        args.base = "kgcoop"
-    for name, value in zip(("scale", "hidden", "dropout", "epsilon"), SETTINGS["decapt" if args.decapt else args.base]):
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    torch.manual_seed(args.seed)
-    device, autocast = resolve_device(args.device, args.precision)
-    backbone = data.default_backbone(args.dataset, args.root) if args.backbone == "auto" else args.backbone
-    print(json.dumps(vars(args) | {"backbone": backbone, "device": device}, indent=2))
-    start = time.time()
-
-    model, _ = clip.load(backbone, device=device)
-    model.requires_grad_(False)  # CLIP stays frozen
-    split = data.prepare(args.dataset, args.root, args.shots, args.seed, args.setting, args.download, args.targets)
-    capt = CaPT(model, split.train_classnames, split.template, args).to(device)
-    capt.set_classnames(model, split.train_classnames, autocast)
-    n_params = sum(p.numel() for p in capt.parameters())
-    print(f"trainable: {[n for n, _ in capt.named_parameters()]}, {n_params:,} parameters")
-
-    checkpoint_path = Path(args.out) / "checkpoint.pt"
+    """One run (one dataset, one seed): train prompt and meta-net (and CAT head), then score every test set."""
+    split = data.prepare(args.dataset, args.root, shots=args.shots, seed=args.seed, setting=args.setting,
+                         targets=args.targets, download=args.download)
+    model, device, autocast = evaluation.start_run(args, split)
+    capt = CaPT(model, split.classnames, split.template, CaPTConfig.from_args(args), seed=args.seed).to(device)
+    capt.set_classnames(model, split.classnames, autocast)
+    evaluation.show_trainable(capt)
     if args.eval_only:
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        capt.load_state_dict(state["state_dict"])
+        evaluation.load_checkpoint(args.out, capt)
     else:
-        evaluation.save_json(Path(args.out) / "args.json", vars(args) | {"backbone": backbone})
-        evaluation.save_json(Path(args.out) / "train_files.json", split.train_files)
         train(capt, model, split, args, device, autocast)
-        state = {"state_dict": {k: v.detach().cpu() for k, v in capt.state_dict().items()}, "args": vars(args),
-                 "classnames": split.train_classnames}
-        evaluation.atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))  # never a half-written checkpoint
-
-    results = {"method": method_name(args), "setting": args.setting, "dataset": args.dataset, "seed": args.seed,
-               "shots": args.shots, "backbone": backbone}
-    accs = {}
-    for name, (items, classnames) in split.tests.items():
-        # DeCaPT fuses the CAT head only on classes it was trained on: base / all / the source, and ImageNet's variants
-        # through their ImageNet labels; new classes and other datasets get the ITM head only.
-        rows = slice(None) if name in ("base", "all") else split.imagenet_rows.get(name)
-        key = (args.dataset, name) if name in ("base", "new", "all") else (name, "test")
-        accs[name] = evaluate(capt, model, items, classnames, key, split.templates[name], rows if args.decapt else None,
-                              args, device, autocast)
-    return finish(results, accs, split, args, start)
+        evaluation.save_checkpoint(args.out, capt, split)
+    accs = {name: evaluate(capt, model, test, args, device, autocast) for name, test in split.tests.items()}
+    return evaluation.results(split, accs)
 
 
-# Copied from coop.py: resume
-def resume(module, optimizer, args):
-    """With --resume: load the last epoch-end snapshot of args.out into module and optimizer; the epoch to start at."""
-    path = Path(args.out) / "train_state.pt"
-    if not (args.resume and path.exists()):
-        return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    module.load_state_dict(state["trainable"])
-    optimizer.load_state_dict(state["optimizer"])
-    print(f"resuming {args.out} after epoch {state['epoch']}")
-    return state["epoch"]
-
-
-# Copied from coop.py: snapshot
-def snapshot(module, optimizer, epoch, args):
-    """The trainable tensors and the optimizer after `epoch`, written atomically (a kill never leaves half a file)."""
-    state = {"trainable": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1}
-    evaluation.atomic_write(Path(args.out) / "train_state.pt", lambda tmp: torch.save(state, tmp))
-
-
-# Copied from coop.py: finish
-def finish(results, accs, split, args, start):
-    """Name the accuracies as the setting's tables read them, save results.json and print the summary line."""
-    if args.setting == "base2new":
-        results |= {"base_acc": accs["base"], "new_acc": accs["new"], "base_classnames": split.tests["base"][1],
-                    "new_classnames": split.tests["new"][1]}
-    else:
-        results |= {"acc": accs.pop("all"), "targets": accs}
-    results["wall_time"] = time.time() - start
-    results = evaluation.save_results(args.out, results)
-    summary = {"base": results.get("base_acc"), "new": results.get("new_acc"), "H": results.get("H")} \
-        if args.setting == "base2new" else {args.dataset: results["acc"]} | accs
-    print("  ".join(f"{k} {v:.2f}" for k, v in summary.items() if v is not None) + f"  ({args.out})")
-    return results
-
-
-# Copied from coop.py: main
 def main(argv=None):
-    """Every (dataset, seed) asked for, one after the other, each in its own folder; finished runs are skipped."""
-    args = parser.parse_args(argv)
-    datasets = args.dataset or (["imagenet"] if args.setting == "crossdataset" else ["world"])
-    jobs = [(d, s) for d in datasets for s in args.seed]
-    results = []
-    for dataset, seed in jobs:
-        one = argparse.Namespace(**(vars(args) | {"dataset": dataset, "seed": seed}))
-        folder = Path(args.out or f"runs/{method_name(args)}") / (
-            "" if args.out and len(jobs) == 1 else f"{args.setting}/{dataset}/shots{args.shots}_seed{seed}")
-        one.out = str(folder)
-        if (folder / "results.json").exists() and not (args.force or args.eval_only or args.resume):
-            print(f"{folder} is finished (results.json); skipping it (--force redoes it)")
-            results.append(json.loads((folder / "results.json").read_text()))
-            continue
-        results.append(run(one))
-    runs_dir = Path(args.out or f"runs/{method_name(args)}") / ("" if args.out else args.setting)
-    if len(jobs) > 1 and evaluation.collect(runs_dir, args.setting):
-        print(f"\n{evaluation.TABLES[args.setting](runs_dir)}")
-    return results[0] if len(jobs) == 1 else results
+    return evaluation.main(parser, configure, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,79 @@
-"""Datasets, the few-shot base-to-new protocol, CLIP transforms and loaders (CoOp's on-disk layout).
+"""Everything that produces inputs: datasets, the papers' protocols, CLIP's transforms, loaders, training batches.
+
+Datasets are read from their published layouts (CoOp's split files and folders for the 11 prompt-tuning datasets
+and the ImageNet variants; the official files of CUB-200-2011, NABirds and Stanford Dogs for DA-VPT), from a
+folder of your own (--dataset folder), or from the built-in world (world.py).
 
 Protocol (CoCoOp, identical in CaPT/DePT): seed -> k shots per class over ALL classes of the train split ->
 base = first ceil(n/2) sorted labels, new = the rest -> relabel 0..k-1. Test sets keep every test image of the
-selected classes.
+selected classes. Few-shot uses every class; cross-dataset trains on the source and tests each target with its
+own class names and template.
 """
+import argparse
+import hashlib
 import json
 import math
 import os
 import random
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
-MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+from clip.clip import MEAN, STD  # CLIP's normalisation, one copy for the whole project
 
-# name -> folder under --root, image folder inside it, CoOp split file, hand-crafted template (CoOp's CUSTOM_TEMPLATES)
+
+class Item(NamedTuple):
+    """One image of a dataset."""
+    path: str
+    label: int
+    classname: str
+
+
+@dataclass
+class TestSet:
+    """One test set of a run: its images, the class names they are scored against, and how to prompt them."""
+    name: str  # "base", "new", "all", or a target dataset's name
+    dataset: str  # the dataset it comes from
+    part: str  # which part of it: base / new / all of the source, test of a target (names it in the feature store)
+    items: list
+    classnames: list
+    template: str  # the dataset's hand-crafted prompt
+    imagenet_rows: list = None  # ImageNet-A/-R/-V2/-Sketch from ImageNet: the ImageNet labels of its classes
+
+
+@dataclass
+class Split:
+    """What one run trains on and tests on (see `prepare`)."""
+    dataset: str
+    train: list  # [Item] of the training classes, relabelled 0..C-1
+    classnames: list  # the training classes, index = label
+    template: str  # the training dataset's hand-crafted prompt
+    tests: dict = field(default_factory=dict)  # {name: TestSet}
+    crop_scale: tuple = (0.08, 1.0)  # RandomResizedCrop's scale for the training images
+
+
+def add_arguments(parser):
+    """The data and protocol flags every method script shares."""
+    group = parser.add_argument_group("data and protocol (shared by every method)")
+    group.add_argument("--dataset", nargs="+", default=None,
+                       help="dataset name(s) (see data.DATASETS) or 'folder'; default world (imagenet for crossdataset)")
+    group.add_argument("--root", default="data", help="folder holding the datasets in their published layouts")
+    group.add_argument("--shots", type=int, default=16, help="training images per class (papers: 16)")
+    group.add_argument("--setting", default="base2new", choices=["base2new", "fewshot", "crossdataset"],
+                       help="base2new: train on base classes, test base and new; fewshot: all classes; "
+                            "crossdataset: train on the source, test on --targets")
+    group.add_argument("--targets", nargs="+", default=CROSS_TARGETS,
+                       help="crossdataset: datasets tested with their own class names and templates")
+    group.add_argument("--download", action="store_true", help="fetch the dataset with torchvision if it is missing")
+    group.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(4, cores))")
+
+
+# name -> folder under --root, image folder inside it, split file, hand-crafted template (CoOp's CUSTOM_TEMPLATES)
 DATASETS = {
     # The built-in world's objects are small and centred: random crops would cut them away, so it trains on whole
     # images (flip only). Every real dataset uses the papers' crop scale (0.08, 1).
@@ -38,6 +93,10 @@ DATASETS = {
     "imagenet_sketch": dict(dir="imagenet-sketch", images="images", split=None, template="a photo of a {}."),
     "imagenet_a": dict(dir="imagenet-adversarial", images="imagenet-a", split=None, template="a photo of a {}."),
     "imagenet_r": dict(dir="imagenet-rendition", images="imagenet-r", split=None, template="a photo of a {}."),
+    # DA-VPT's fine-grained sets (closed set: DA-VPT trains on every class), in their official layouts.
+    "cub": dict(dir="CUB_200_2011", images="images", split=None, template="a photo of a {}, a type of bird."),
+    "nabirds": dict(dir="nabirds", images="images", split=None, template="a photo of a {}, a type of bird."),
+    "dogs": dict(dir="Stanford-dogs", images="Images", split=None, template="a photo of a {}, a type of dog."),
 }
 
 # Class-name rules of CoOp's readers that the split files do not already apply.
@@ -45,6 +104,11 @@ EUROSAT_NAMES = {"AnnualCrop": "Annual Crop Land", "Forest": "Forest", "Herbaceo
                  "Highway": "Highway or Road", "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
                  "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings", "River": "River",
                  "SeaLake": "Sea or Lake"}
+
+# Cross-dataset transfer (CoCoOp's protocol): train on ImageNet, test on the 10 others; the 4 variants = domain shift.
+CROSS_TARGETS = ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft", "sun397",
+                 "dtd", "eurosat", "ucf101", "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
+IMAGENET_VARIANTS = ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
 
 
 def classname(name):
@@ -56,17 +120,17 @@ def _need(path, name):
     if not Path(path).exists():
         layout = DATASETS[name]
         raise FileNotFoundError(
-            f"{path} not found. Dataset '{name}' is expected at <root>/{layout['dir']}/ in CoOp's layout "
+            f"{path} not found. Dataset '{name}' is expected at <root>/{layout['dir']}/ in its published layout "
             f"(images under {layout['images'] or '.'}/" + (f", split file {layout['split']}" if layout["split"] else "")
-            + "); see CoOp's DATASETS.md, or pass --download where torchvision can fetch it.")
+            + "); see the README's dataset section, or pass --download where torchvision can fetch it.")
     return Path(path)
 
 
 def _read_split_file(path, image_dir):
-    """CoOp's split_zhou_*.json -> {split: [(path, label, classname)]}."""
+    """CoOp's split_zhou_*.json -> {split: [Item]}."""
     with open(path) as f:
         raw = json.load(f)
-    return {s: [(str(image_dir / p), int(y), classname(c)) for p, y, c in raw[s]] for s in raw}
+    return {s: [Item(str(image_dir / p), int(y), classname(c)) for p, y, c in raw[s]] for s in raw}
 
 
 def _read_folders(image_dir, classnames_file=None):
@@ -80,12 +144,50 @@ def _read_folders(image_dir, classnames_file=None):
     items = []
     for label, folder in enumerate(folders):
         for f in sorted(f for f in (image_dir / folder).iterdir() if not f.name.startswith(".")):  # no .DS_Store
-            items.append((str(f), label, names.get(folder, classname(folder))))
+            items.append(Item(str(f), label, names.get(folder, classname(folder))))
     return items
 
 
+def _read_cub_style(name, base, image_dir):
+    """CUB-200-2011 and NABirds: images.txt, image_class_labels.txt, train_test_split.txt, classes.txt."""
+    def table(file):
+        return dict(line.strip().split(" ", 1) for line in _need(base / file, name).read_text().splitlines()
+                    if line.strip())
+    images, labels, is_train, classes = (table(n) for n in ("images.txt", "image_class_labels.txt",
+                                                            "train_test_split.txt", "classes.txt"))
+    used = sorted({labels[i] for i in images}, key=int)  # NABirds' class ids are sparse: keep those with images
+    index = {c: k for k, c in enumerate(used)}
+    names = [classes[c].split(".", 1)[-1].replace("_", " ") for c in used]  # "001.Black_footed_Albatross"
+    splits = {"train": [], "val": [], "test": []}
+    for i, rel in images.items():
+        k = index[labels[i]]
+        splits["train" if is_train[i].strip() == "1" else "test"].append(Item(str(image_dir / rel), k, names[k]))
+    return splits
+
+
+def _read_vpt_json(base, image_dir):
+    """Stanford Dogs as DA-VPT's code reads it: VPT's train.json / test.json ({relative path: label}) beside the
+    official Images/<wnid>-<Breed>/ folders."""
+    raw = {s: json.loads(_need(base / f"{s}.json", "dogs").read_text()) for s in ("train", "test")}
+    names = {}
+    for rel, label in raw["train"].items():  # "n02085620-Chihuahua/n02085620_10074.jpg" -> "Chihuahua"
+        names.setdefault(int(label), rel.split("/")[0].split("-", 1)[-1].replace("_", " "))
+    splits = {s: [Item(str(image_dir / rel), int(y), names[int(y)]) for rel, y in sorted(raw[s].items())] for s in raw}
+    return splits | {"val": []}
+
+
+@dataclass
+class Dataset:
+    name: str
+    template: str
+    classnames: list  # index = label
+    train: list
+    val: list
+    test: list
+
+
 def load_dataset(name, root, download=False):
-    """Dataset with .train/.val/.test lists of (path, label, classname), .classnames (index = label), .template."""
+    """A Dataset with .train/.val/.test lists of Items, .classnames (index = label) and .template."""
     if name not in DATASETS and name != "folder":
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)} or 'folder' (with --root)")
     root = Path(root).expanduser()
@@ -104,13 +206,17 @@ def load_dataset(name, root, download=False):
         splits = _read_split_file(_need(base / layout["split"], name), image_dir)
     elif own_split.exists():
         splits = _read_split_file(own_split, image_dir)
+    elif name in ("cub", "nabirds"):
+        splits = _read_cub_style(name, base, image_dir)
+    elif name == "dogs":
+        splits = _read_vpt_json(base, image_dir)
     elif name == "fgvc_aircraft":
         variants = _need(base / "variants.txt", name).read_text().splitlines()
         label = {v: i for i, v in enumerate(variants)}
         splits = {}
         for s in ("train", "val", "test"):
             lines = _need(base / f"images_variant_{s}.txt", name).read_text().splitlines()
-            splits[s] = [(str(image_dir / f"{l.split(' ', 1)[0]}.jpg"), label[l.split(' ', 1)[1]], l.split(" ", 1)[1])
+            splits[s] = [Item(str(image_dir / f"{l.split(' ', 1)[0]}.jpg"), label[l.split(' ', 1)[1]], l.split(" ", 1)[1])
                          for l in lines if l.strip()]
     elif name == "imagenet":
         cn = base / "classnames.txt"
@@ -121,10 +227,10 @@ def load_dataset(name, root, download=False):
         items = _read_folders(image_dir, base / "classnames.txt")
         if name == "imagenetv2":  # folders are named 0..999 by ImageNet label
             names = [l.strip().partition(" ")[2] for l in (base / "classnames.txt").read_text().splitlines()]
-            items = [(p, int(Path(p).parent.name), names[int(Path(p).parent.name)]) for p, _, _ in items]
+            items = [Item(p, int(Path(p).parent.name), names[int(Path(p).parent.name)]) for p, _, _ in items]
         splits = {"train": [], "val": [], "test": items}
-    classnames = _classnames(splits["train"] or splits["test"])
-    return SimpleNamespace(name=name, template=layout["template"], classnames=classnames, **splits)
+    return Dataset(name, layout["template"], _classnames(splits["train"] or splits["test"]), splits["train"],
+                   splits.get("val", []), splits["test"])
 
 
 def _classnames(items):
@@ -145,14 +251,13 @@ def _folder_dataset(root):
         train, test = [], []
         by_class = defaultdict(list)
         for item in _read_folders(root):
-            by_class[item[1]].append(item)
+            by_class[item.label].append(item)
         for items in by_class.values():
-            items = sorted(items, key=lambda item: hash_fraction(Path(item[0]).name))
+            items = sorted(items, key=lambda item: hash_fraction(Path(item.path).name))
             n_test = max(1, len(items) // 5) if len(items) > 1 else 0
             test += items[:n_test]
             train += items[n_test:]
-    return SimpleNamespace(name="folder", template="a photo of a {}.", classnames=_classnames(train),
-                           train=train, val=[], test=test)
+    return Dataset("folder", "a photo of a {}.", _classnames(train), train, [], test)
 
 
 # --download: torchvision class, its split names -> ours (None: one pool split 50/20/30 as CoOp's own splits).
@@ -218,9 +323,11 @@ def _download(name, root):
 
 def hash_fraction(text):
     """A stable number in [0, 1) from a string (Python's hash() changes between runs)."""
-    import hashlib
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 16**8
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# The protocol.
 
 def fewshot(items, shots, seed):
     """k items per class, sampled over all classes, deterministic per seed (Dassl's generate_fewshot_dataset)."""
@@ -248,14 +355,8 @@ def split_base_new(items, which, labels=None):
     m = math.ceil(len(labels) / 2)
     keep = {"all": labels, "base": labels[:m], "new": labels[m:]}[which]
     relabel = {y: i for i, y in enumerate(keep)}
-    out = [(p, relabel[y], c) for p, y, c in items if y in relabel]
+    out = [Item(p, relabel[y], c) for p, y, c in items if y in relabel]
     return out, _classnames(out) if out else []
-
-
-# Cross-dataset transfer (CoCoOp's protocol): train on ImageNet, test on the 10 others; the 4 variants = domain shift.
-CROSS_TARGETS = ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft", "sun397",
-                 "dtd", "eurosat", "ucf101", "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
-IMAGENET_VARIANTS = ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
 
 
 def imagenet_labels(name, root):
@@ -277,38 +378,42 @@ def imagenet_labels(name, root):
     return [index[f] for f in folders]
 
 
-def prepare(name, root, shots, seed, setting="base2new", download=False, targets=None):
-    """Everything a method script needs: few-shot train items of the training classes and the test sets.
+def vtab1k(items, seed):
+    """VTAB-1k style split of a training list: (800 train, 200 val), drawn with a fixed seed."""
+    if len(items) < 1000:
+        raise ValueError(f"VTAB-1k needs at least 1000 training images, got {len(items)}")
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [items[i] for i in order[:800]], [items[i] for i in order[800:1000]]
 
-    .train: [(path, label, classname)] relabelled; .train_classnames; .tests: {name: (items, classnames)} with
-    "base" and "new" (base2new), "all" (fewshot), or the source's "all" and one entry per target (crossdataset);
-    .templates: {test name: its dataset's template}; .template: the training set's; .imagenet_rows: {variant:
-    ImageNet labels of its classes} (crossdataset from ImageNet); .train_files: the chosen few-shot files;
-    .crop_scale of the train transform.
+
+def prepare(name, root, *, shots, seed, setting="base2new", targets=(), download=False):
+    """The Split of one run: few-shot train items of the training classes and the setting's test sets.
+
+    base2new: train on the base half, tests "base" and "new"; fewshot: train and test "all" classes;
+    crossdataset: train and test "all" classes of the source, then one test set per target (its own class names
+    and template; ImageNet's variants carry the ImageNet labels of their classes). shots 0 = the whole train split.
     """
     ds = load_dataset(name, root, download)
     train = fewshot(ds.train, shots, seed) if shots > 0 else ds.train
-    labels = {y for _, y, _ in ds.train}
-    templates, imagenet_rows = {}, {}
-    if setting == "base2new":
-        train_items, train_names = split_base_new(train, "base", labels)
-        tests = {w: split_base_new(ds.test, w, labels) for w in ("base", "new")}
-    elif setting in ("fewshot", "crossdataset"):
-        train_items, train_names = split_base_new(train, "all", labels)
-        tests = {"all": split_base_new(ds.test, "all", labels)}
-        for target in (targets or []) if setting == "crossdataset" else []:
-            target_ds = load_dataset(target, root, download)
-            tests[target] = (target_ds.test, target_ds.classnames)
-            templates[target] = target_ds.template
-            if name == "imagenet" and target in IMAGENET_VARIANTS:
-                imagenet_rows[target] = imagenet_labels(target, root)
-    else:
+    labels = {it.label for it in ds.train}
+    if setting not in ("base2new", "fewshot", "crossdataset"):
         raise ValueError(f"unknown setting {setting!r}; use base2new, fewshot or crossdataset")
-    templates = {t: templates.get(t, ds.template) for t in tests}
-    return SimpleNamespace(train=train_items, train_classnames=train_names, tests=tests, template=ds.template,
-                           templates=templates, imagenet_rows=imagenet_rows, train_files=[p for p, _, _ in train_items],
-                           crop_scale=DATASETS.get(name, {}).get("crop_scale", (0.08, 1.0)))
+    parts = ("base", "new") if setting == "base2new" else ("all",)
+    train_items, classnames = split_base_new(train, parts[0], labels)
+    tests = {}
+    for part in parts:
+        items, names = split_base_new(ds.test, part, labels)
+        tests[part] = TestSet(part, name, part, items, names, ds.template)
+    for target in targets if setting == "crossdataset" else ():
+        target_ds = load_dataset(target, root, download)
+        rows = imagenet_labels(target, root) if name == "imagenet" and target in IMAGENET_VARIANTS else None
+        tests[target] = TestSet(target, target, "test", target_ds.test, target_ds.classnames, target_ds.template, rows)
+    return Split(name, train_items, classnames, ds.template, tests,
+                 crop_scale=DATASETS.get(name, {}).get("crop_scale", (0.08, 1.0)))
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Transforms, loaders and training batches.
 
 def transform(resolution, train, crop_scale=(0.08, 1.0)):
     """CLIP transforms. train: RandomResizedCrop(crop_scale, bicubic) + flip; test: shorter side + center crop."""
@@ -340,15 +445,70 @@ class ImageList(torch.utils.data.Dataset):
         return self.transform(image), label
 
 
-def loader(items, transform, batch_size, train, num_workers=None, seed=0):
+def workers(num_workers=None):
+    """Data-loading processes: --workers, or min(4, cores)."""
+    return min(4, os.cpu_count() or 1) if num_workers is None else num_workers
+
+
+def loader(items, transform, batch_size, train, num_workers=None, seed=0, batch_sampler=None):
     """DataLoader of (images, labels). Training never drops its only batch: a batch size larger than the few-shot
     set still trains (Dassl's drop_last once silently skipped EuroSAT 1-shot training)."""
-    if num_workers is None:
-        num_workers = min(4, os.cpu_count() or 1)
+    dataset = ImageList(items, transform)
+    if batch_sampler is not None:
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers(num_workers))
     g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(ImageList(items, transform), batch_size=batch_size, shuffle=train,
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train,
                                        drop_last=train and len(items) > batch_size, generator=g if train else None,
-                                       num_workers=num_workers, persistent_workers=False)
+                                       num_workers=workers(num_workers), persistent_workers=False)
+
+
+def training_batches(model, items, transform, batch_size, *, seed, device, autocast, views=0, store=None, dataset="",
+                     num_workers=None):
+    """epoch -> iterator over (raw image features (B, E), labels (B,)) of the few-shot training set, for text-side methods.
+
+    Every epoch draws its order and augmentations from a seed of its own (seed, epoch): an interrupted run resumed at
+    epoch e replays exactly what an uninterrupted one does.
+
+    views = 0: online, the papers' way: every step augments and encodes its images.
+    views = K (--cache-views K): K augmented views of every image are encoded once (and stored); each epoch visits
+    every image once, through one of its K views drawn at random. This matches online augmentation in distribution
+    (a view is a draw of the same random transform), not bit for bit, and it reuses views when epochs > K.
+    """
+    import eval as evaluation  # the feature store (eval.py imports this module, so not at the top)
+    g = torch.Generator().manual_seed(seed)
+    if not views:
+        images = loader(items, transform, batch_size, train=True, num_workers=num_workers, seed=seed)
+
+        def online(epoch):
+            torch.manual_seed(seed * 1000 + epoch)  # the augmentations (and workers' seeds) of this epoch
+            images.generator.manual_seed(seed * 1000 + epoch)  # its order
+            for x, labels in images:
+                with torch.no_grad(), autocast():
+                    f = model.encode_image(x.to(device)).float()  # (B, E)
+                yield f, labels.to(device)
+        return online
+    fingerprint = evaluation.model_fingerprint(model) if store else None
+    cached = []
+    for v in range(views):  # view v of every image: the train transform under its own seed, without touching ours
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1000 + 999 - v)
+            cached.append(evaluation.stored_image_features(
+                model, items, transform, dataset=dataset, part=f"train view {v}/{views} seed {seed}", store=store,
+                device=device, autocast=autocast, fingerprint=fingerprint)[0])
+    feats = torch.stack(cached).to(device)  # (views, N, E)
+    labels = torch.tensor([it.label for it in items], device=device)  # (N,)
+    N = len(items)
+
+    def from_views(epoch):
+        torch.manual_seed(seed * 1000 + epoch)  # any other randomness of this epoch (dropout)
+        g.manual_seed(seed * 1000 + epoch)
+        order = torch.randperm(N, generator=g)
+        drop = N > batch_size and N % batch_size  # as the image loader: never drop the only batch
+        order = order[: N - (N % batch_size)] if drop else order
+        for idx in order.split(batch_size):
+            view = torch.randint(views, (len(idx),), generator=g)
+            yield feats[view.to(device), idx.to(device)], labels[idx.to(device)]
+    return from_views
 
 
 def default_backbone(dataset, root):

@@ -1,16 +1,21 @@
-"""Evaluation shared by every method: features, accuracy, base/new/H, results.json, and the papers' tables.
+"""Everything that runs, records and scores: the shared run flags and multi-run `main`, device and precision, run
+folders, snapshots and resume, results and the papers' tables, the feature store, accuracy and H.
 
-    python eval.py runs/            # aggregate every results.json below runs/ into a base-to-new table
+    python eval.py runs/            # every results.json below runs/ as the papers' tables
 
-Text features are computed once per class list and image features once per test set (never per batch); frozen
-image features can also be kept on disk in a feature store keyed by everything they depend on.
+A method script builds its parser with `parser(...)`, adds its own flags, and hands `main` its `configure` (the
+run's method name and presets) and `run` (one dataset, one seed). Text features are computed once per class list
+and image features once per test set (never per batch); frozen image features can be kept on disk in a feature
+store keyed by everything they depend on.
 """
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,6 +26,228 @@ from tqdm import tqdm
 import clip
 import data
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared flags and the multi-run main.
+
+def parser(description, *, epochs, batch_size, lr, recipe, frozen_image_encoder=True):
+    """An argparse parser with every shared flag; the method script adds its own flags after it.
+
+    epochs, batch_size, lr: the method's training recipe (`recipe` names its source, for --help). They default to
+    None in the parser so that `configure` can tell a flag the user gave from one it may fill from a preset.
+    frozen_image_encoder=False (DA-VPT) leaves out --store and --cache-views, which keep frozen image features.
+    """
+    p = argparse.ArgumentParser(description=description)
+    data.add_arguments(p)
+    group = p.add_argument_group("run (shared by every method)")
+    group.add_argument("--seed", type=int, nargs="+", default=[1],
+                       help="seed(s) of the few-shot sample and the training (papers: 1 2 3); one run per dataset and seed")
+    group.add_argument("--backbone", default="auto",
+                       help="OpenAI model name (ViT-B/16 ...) or checkpoint path; auto = the world's CLIP on world, else ViT-B/16")
+    group.add_argument("--epochs", type=int, default=None, help=f"training epochs ({recipe}: {epochs})")
+    group.add_argument("--batch-size", type=int, default=None, help=f"training batch size ({recipe}: {batch_size})")
+    group.add_argument("--lr", type=float, default=None, help=f"learning rate ({recipe}: {lr})")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ...; auto = cuda if available")
+    group.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                       help="autocast dtype of the frozen encoders on CUDA (auto = bf16 on CUDA, fp32 on CPU)")
+    group.add_argument("--out", default=None,
+                       help="run folder of a single run; for several, their parent "
+                            "(default runs/<method>/<setting>/<dataset>/shots<k>_seed<s>)")
+    group.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint saved in --out, no training")
+    group.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished epoch")
+    group.add_argument("--force", action="store_true", help="redo runs that already have results.json")
+    if frozen_image_encoder:
+        group.add_argument("--store", default="auto",
+                           help="feature store for frozen image features (auto = <root>/.cache/features; none = off)")
+        group.add_argument("--cache-views", type=int, default=0,
+                           help="K > 0: encode K augmented views of each training image once and train on features")
+    p.set_defaults(recipe={"epochs": epochs, "batch_size": batch_size, "lr": lr})
+    return p
+
+
+def fill(args, preset):
+    """Flags the user left unset (None) take the preset's value."""
+    for name, value in preset.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    return args
+
+
+def plan(parser, configure, argv=None):
+    """(the parsed flags, one resolved Namespace per (dataset, seed) run) of a command line.
+
+    configure(args) sets args.method and fills the flags the user left unset from the method's presets (it raises
+    ValueError for a combination that makes no sense); what is still unset then takes the parser's recipe.
+    """
+    args = parser.parse_args(argv)
+    datasets = args.dataset or (["imagenet"] if args.setting == "crossdataset" else ["world"])
+    jobs = []
+    for dataset, seed in [(d, s) for d in datasets for s in args.seed]:
+        one = argparse.Namespace(**vars(args) | {"dataset": dataset, "seed": seed})
+        try:
+            configure(one)
+        except ValueError as e:
+            parser.error(str(e))
+        fill(one, one.recipe)
+        del one.recipe
+        jobs.append(one)
+    for one in jobs:
+        one.out = args.out if args.out and len(jobs) == 1 else str(
+            Path(args.out or f"runs/{one.method}") / f"{one.setting}/{one.dataset}/shots{one.shots}_seed{one.seed}")
+    return args, jobs
+
+
+def main(parser, configure, run, argv=None):
+    """Every (dataset, seed) asked for, one after the other, each in its own folder; finished runs are skipped;
+    the setting's table at the end. run(args) trains and evaluates one run and returns its results."""
+    args, jobs = plan(parser, configure, argv)
+    results = []
+    for one in jobs:
+        done = Path(one.out) / "results.json"
+        if done.exists() and not (one.force or one.eval_only or one.resume):
+            print(f"{one.out} is finished (results.json); skipping it (--force redoes it)")
+            results.append(json.loads(done.read_text()))
+            continue
+        results.append(run_one(run, one))
+    runs_dir = Path(args.out) if args.out else Path("runs") / jobs[0].method / args.setting
+    if len(jobs) > 1 and collect(runs_dir, args.setting):
+        print(f"\n{TABLES[args.setting](runs_dir)}")
+    return results[0] if len(jobs) == 1 else results
+
+
+def run_one(run, args):
+    """One run: resolve the backbone, record the arguments, run, save results.json and print its summary line."""
+    start = time.time()
+    if args.backbone == "auto":
+        args.backbone = data.default_backbone(args.dataset, args.root)
+    print(json.dumps(vars(args), indent=2))
+    if not args.eval_only:
+        save_json(Path(args.out) / "args.json", vars(args))
+    results = {"method": args.method, "setting": args.setting, "dataset": args.dataset, "seed": args.seed,
+               "shots": args.shots, "backbone": args.backbone} | run(args)
+    results["wall_time"] = time.time() - start
+    save_json(Path(args.out) / "results.json", results)
+    summary = {"base": results.get("base_acc"), "new": results.get("new_acc"), "H": results.get("H")} \
+        if args.setting == "base2new" else {args.dataset: results["acc"]} | results["targets"]
+    print("  ".join(f"{k} {v:.2f}" for k, v in summary.items() if v is not None) + f"  ({args.out})")
+    return results
+
+
+def results(split, accs, **extra):
+    """The accuracies of a run named as the setting's tables read them (H when base and new exist), plus extra."""
+    if "base" in accs and "new" in accs:
+        out = {"base_acc": accs["base"], "new_acc": accs["new"], "base_classnames": split.tests["base"].classnames,
+               "new_classnames": split.tests["new"].classnames}
+        if out["base_acc"] is not None and out["new_acc"] is not None:
+            out["H"] = harmonic_mean(out["base_acc"], out["new_acc"])
+    else:
+        out = {"acc": accs["all"], "targets": {k: v for k, v in accs.items() if k != "all"}}
+    return out | extra
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device, the frozen CLIP, checkpoints and snapshots.
+
+def device_and_autocast(device, precision):
+    """(device, autocast factory): bf16 autocast for the frozen encoders on CUDA by default, fp32 on CPU."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    precision = ("bf16" if device.startswith("cuda") else "fp32") if precision == "auto" else precision
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    enabled = dtype != torch.float32
+    return device, lambda: torch.autocast(device.split(":")[0], dtype=dtype, enabled=enabled)
+
+
+def start_run(args, split):
+    """Seed the run, write train_files.json, load CLIP frozen on the run's device: (model, device, autocast)."""
+    if not args.eval_only:
+        save_json(Path(args.out) / "train_files.json", [it.path for it in split.train])
+    torch.manual_seed(args.seed)
+    device, autocast = device_and_autocast(args.device, args.precision)
+    model, _ = clip.load(args.backbone, device=device)
+    model.requires_grad_(False)  # CLIP stays frozen; a method unfreezes what it trains
+    return model, device, autocast
+
+
+def show_trainable(module):
+    """Print the names and the number of the trainable parameters (the headline number of prompt tuning)."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    print(f"trainable: {[n for n, _ in named]}, {sum(p.numel() for _, p in named):,} parameters")
+    return sum(p.numel() for _, p in named)
+
+
+def trainable_state(module):
+    """The tensors a run learns or draws: its trainable parameters and persistent buffers, never frozen weights."""
+    frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+    return {k: v.detach().cpu() for k, v in module.state_dict().items() if k not in frozen}
+
+
+def load_trainable(module, state, source="the checkpoint"):
+    """Load what trainable_state saved; a mismatch (other flags, another method) is an error naming the keys."""
+    expected, got = set(trainable_state(module)), set(state)
+    if expected != got:
+        raise ValueError(f"{source} does not match this model (missing {sorted(expected - got)}, unexpected "
+                         f"{sorted(got - expected)}); run with the flags it was trained with")
+    module.load_state_dict(state, strict=False)
+
+
+def save_checkpoint(out, module, split, **extra):
+    """checkpoint.pt: the module's trainable state, the training class names and extra, written atomically."""
+    checkpoint = {"trainable": trainable_state(module), "classnames": split.classnames} | extra
+    atomic_write(Path(out) / "checkpoint.pt", lambda tmp: torch.save(checkpoint, tmp))
+
+
+def load_checkpoint(out, module):
+    """Load the checkpoint of the run folder `out` into module; returns the checkpoint (class names, extra)."""
+    path = Path(out) / "checkpoint.pt"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    load_trainable(module, checkpoint["trainable"], source=str(path))
+    return checkpoint
+
+
+def snapshot(out, module, optimizer, epoch, **extra):
+    """The trainable state and the optimizer after `epoch`, written atomically (a kill never leaves half a file)."""
+    state = {"trainable": trainable_state(module), "optimizer": optimizer.state_dict(), "epoch": epoch + 1} | extra
+    atomic_write(Path(out) / "train_state.pt", lambda tmp: torch.save(state, tmp))
+
+
+def resume(out, module, optimizer):
+    """Load the last epoch-end snapshot of the run folder `out` into module and optimizer.
+
+    Returns (the epoch to start at, the snapshot's extra entries); (0, {}) when there is none."""
+    path = Path(out) / "train_state.pt"
+    if not path.exists():
+        return 0, {}
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    load_trainable(module, state.pop("trainable"), source=str(path))
+    optimizer.load_state_dict(state.pop("optimizer"))
+    print(f"resuming {out} after epoch {state['epoch']}")
+    return state.pop("epoch"), state
+
+
+def lr_at_epoch(epoch, lr, epochs, warmup_lr):
+    """Dassl's schedule (CoOp, CoCoOp, CaPT): epoch 0 at warmup_lr, then cosine over the epochs, stepped per epoch."""
+    if epoch == 0:
+        return warmup_lr
+    return 0.5 * lr * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+
+
+class Meter:
+    """Loss and training accuracy of one epoch, kept on the device (no sync per step); checked for NaN at the end."""
+
+    def __init__(self):
+        self.loss, self.correct, self.seen = 0.0, 0, 0
+
+    def add(self, loss, logits, labels):
+        self.loss = self.loss + loss.detach() * len(labels)
+        self.correct = self.correct + (logits.argmax(-1) == labels).sum()
+        self.seen += len(labels)
+
+    def __str__(self):
+        return f"loss {float(self.loss) / self.seen:.4f}  train acc {100 * int(self.correct) / self.seen:.1f}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring and features.
 
 def harmonic_mean(base, new):
     """H = 2BN / (B + N), the papers' base-to-new summary (0 when both are 0)."""
@@ -34,25 +261,37 @@ def accuracy(logits, labels):
 
 @torch.no_grad()
 def zeroshot_weights(model, classnames, template, device):
-    """(K, E) normalised text features of the hand-crafted prompts, computed once per class list."""
+    """(C, E) normalised text features of the hand-crafted prompts, computed once per class list."""
     tokens = clip.tokenize([template.format(c) for c in classnames]).to(device)
     return F.normalize(model.encode_text(tokens).float(), dim=-1)
 
 
 @torch.no_grad()
-def image_features(model, loader, device, autocast, desc="features", normalize=True):
-    """(M, E) frozen image features (normalised unless normalize=False) and (M,) labels of a loader, computed once."""
+def image_features(model, loader, device, autocast, desc="features"):
+    """(N, E) raw frozen image features and (N,) labels of a loader, computed once."""
     feats, labels = [], []
     for images, y in tqdm(loader, desc=desc, leave=False):
         with autocast():
             f = model.encode_image(images.to(device))
-        feats.append((F.normalize(f.float(), dim=-1) if normalize else f.float()).cpu())
+        feats.append(f.float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Feature store: frozen image features on disk, reused by every text-side method and seed.
+def store_dir(args):
+    """The feature-store folder of --store (None when off)."""
+    if args.store == "none":
+        return None
+    return Path(args.root) / ".cache" / "features" if args.store == "auto" else Path(args.store)
+
+
+def stored_test_features(model, test, args, device, autocast):
+    """(N, E) raw frozen image features (on the device) and (N,) labels of a TestSet, through the feature store."""
+    transform = data.transform(model.visual.input_resolution, train=False)
+    f, labels = stored_image_features(model, test.items, transform, dataset=test.dataset, part=test.part,
+                                      store=store_dir(args), device=device, autocast=autocast)
+    return f.to(device), labels.to(device)
+
 
 def model_fingerprint(model, keep=lambda name: name.startswith("visual.")):
     """sha256 over the weights whose names pass `keep` (default: the image encoder's): the backbone part of a key."""
@@ -64,9 +303,9 @@ def model_fingerprint(model, keep=lambda name: name.startswith("visual.")):
     return h.hexdigest()
 
 
-def store_key(fingerprint, dataset, split, transform, files):
+def store_key(fingerprint, dataset, part, transform, files):
     """One hash over everything the features depend on: change any part and the stored file no longer matches."""
-    parts = {"backbone": fingerprint, "dataset": dataset, "split": split, "transform": repr(transform),
+    parts = {"backbone": fingerprint, "dataset": dataset, "split": part, "transform": repr(transform),
              "files": [str(f) for f in files]}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -85,9 +324,9 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-def cached_image_features(store_dir, key, compute):
-    """(features, labels) from `store_dir/<key>.pt`, or compute() and store them. A corrupt file is rebuilt."""
-    path = Path(store_dir) / f"{key}.pt"
+def cached_image_features(store, key, compute):
+    """(features, labels) from `store/<key>.pt`, or compute() and store them. A corrupt file is rebuilt."""
+    path = Path(store) / f"{key}.pt"
     if path.exists():
         try:
             entry = torch.load(path, map_location="cpu", weights_only=True)
@@ -101,66 +340,19 @@ def cached_image_features(store_dir, key, compute):
     return features, labels
 
 
-def stored_image_features(model, items, transform, dataset, split, store, device, autocast, fingerprint=None):
+def stored_image_features(model, items, transform, *, dataset, part, store, device, autocast, fingerprint=None):
     """(N, E) raw frozen image features and (N,) labels of `items`, through the feature store when `store` is a folder.
 
-    The key covers the image encoder's weights, dataset, split, transform and file list: every text-side method and
+    The key covers the image encoder's weights, dataset, part, transform and file list: every text-side method and
     seed that evaluates the same test set with the same backbone reads the same file.
     """
     def compute():
         loader = data.loader(items, transform, 100, train=False)
-        return image_features(model, loader, device, autocast, desc=f"{dataset} {split}", normalize=False)
+        return image_features(model, loader, device, autocast, desc=f"{dataset} {part}")
     if not store:
         return compute()
-    key = store_key(fingerprint or model_fingerprint(model), dataset, split, transform, [p for p, _, _ in items])
+    key = store_key(fingerprint or model_fingerprint(model), dataset, part, transform, [it.path for it in items])
     return cached_image_features(store, key, compute)
-
-
-def training_batches(model, items, transform, batch_size, device, autocast, seed, views=0, store=None, dataset="",
-                     num_workers=None):
-    """epoch -> iterator over (raw image features (B, E), labels (B,)) of the few-shot training set, for text-side methods.
-
-    Every epoch draws its order and augmentations from a seed of its own (seed, epoch): an interrupted run resumed at
-    epoch e replays exactly what an uninterrupted one does.
-
-    views = 0: online, the papers' way: every step augments and encodes its images.
-    views = K (--cache-views K): K augmented views of every image are encoded once (and stored); each epoch visits
-    every image once, through one of its K views drawn at random. This matches online augmentation in distribution
-    (a view is a draw of the same random transform), not bit for bit, and it reuses views when epochs > K.
-    """
-    g = torch.Generator().manual_seed(seed)
-    if not views:
-        loader = data.loader(items, transform, batch_size, train=True, num_workers=num_workers, seed=seed)
-
-        def online(epoch):
-            torch.manual_seed(seed * 1000 + epoch)  # the augmentations (and workers' seeds) of this epoch
-            loader.generator.manual_seed(seed * 1000 + epoch)  # its order
-            for images, labels in loader:
-                with torch.no_grad(), autocast():
-                    f = model.encode_image(images.to(device)).float()  # (B, E)
-                yield f, labels.to(device)
-        return online
-    fingerprint = model_fingerprint(model) if store else None
-    cached = []
-    for v in range(views):  # view v of every image: the train transform under its own seed, without touching ours
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1000 + 999 - v)
-            cached.append(stored_image_features(model, items, transform, dataset, f"train view {v}/{views} seed {seed}",
-                                                store, device, autocast, fingerprint)[0])
-    feats = torch.stack(cached).to(device)  # (K, N, E)
-    labels = torch.tensor([y for _, y, _ in items], device=device)  # (N,)
-    N = len(items)
-
-    def from_views(epoch):
-        torch.manual_seed(seed * 1000 + epoch)  # any other randomness of this epoch (dropout)
-        g.manual_seed(seed * 1000 + epoch)
-        order = torch.randperm(N, generator=g)
-        drop = N > batch_size and N % batch_size  # as the image loader: never drop the only batch
-        order = order[: N - (N % batch_size)] if drop else order
-        for idx in order.split(batch_size):
-            view = torch.randint(views, (len(idx),), generator=g)
-            yield feats[view.to(device), idx.to(device)], labels[idx.to(device)]
-    return from_views
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,14 +360,6 @@ def training_batches(model, items, transform, batch_size, device, autocast, seed
 
 def save_json(path, obj):
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
-
-
-def save_results(out_dir, results):
-    """Write results.json (atomically); adds H when base and new accuracies are present."""
-    if results.get("base_acc") is not None and results.get("new_acc") is not None:
-        results["H"] = harmonic_mean(results["base_acc"], results["new_acc"])
-    save_json(Path(out_dir) / "results.json", results)
-    return results
 
 
 def average(rows):
@@ -272,7 +456,7 @@ def crossdataset_table(runs_dir):
 TABLES = {"base2new": base2new_table, "fewshot": fewshot_table, "crossdataset": crossdataset_table}
 
 
-def main(argv=None):
+def tables(argv=None):
     parser = argparse.ArgumentParser(description="Aggregate results.json files into the papers' tables.")
     parser.add_argument("runs_dir", help="folder searched recursively for results.json")
     args = parser.parse_args(argv)
@@ -286,4 +470,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    tables()

@@ -13,6 +13,7 @@ accuracy is clearly above chance but clearly below the ceiling, and there is roo
 
     python world.py          # prepare everything (first time: ~3-4 min on 2 CPU cores) and report zero-shot accuracy
 """
+import argparse
 import json
 import os
 import shutil
@@ -189,10 +190,14 @@ def zero_shot(model, images_uint8, labels, classnames):
     return 100 * ((img @ text.t()).argmax(-1) == labels).float().mean().item()
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Prepare the built-in world (images and its tiny CLIP) and report "
+                                                 "its zero-shot accuracy.")
+    parser.add_argument("--root", default="data", help="folder under which world/ is prepared")
+    args = parser.parse_args(argv)
     start = time.time()
-    path = prepare_clip("data")
-    folder = prepare_dataset("data")
+    path = prepare_clip(args.root)
+    folder = prepare_dataset(args.root)
     print(f"prepared in {time.time() - start:.0f} s: {path}, {folder}")
     model, _ = clip.load(str(path))
     print(f"tiny CLIP: {sum(p.numel() for p in model.parameters()):,} parameters")

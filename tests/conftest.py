@@ -1,4 +1,8 @@
-"""Shared fixtures: a random tiny CLIP checkpoint and a 5-class folder dataset, built once per test session."""
+"""Shared fixtures: one way to build a tiny random CLIP (named sizes), a checkpoint of it, and a 5-class folder dataset.
+
+`make_clip(**changes)` is the only place a test builds a CLIP; `tiny` is a session folder with clip.pt (that CLIP,
+as an OpenAI-layout state dict) and ds/{train,test}/<class>/ (3 and 2 noise images per class).
+"""
 import numpy as np
 import pytest
 import torch
@@ -7,18 +11,30 @@ from PIL import Image
 from clip.model import CLIP
 
 NAMES = ["red circle", "blue square", "green triangle", "yellow star", "purple heart"]
+# A tiny OpenAI-architecture CLIP: 32x32 images in 16x16 patches, 64-wide towers, 1 layer each, 32-d joint space.
+SIZES = dict(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
+             context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)
+
+
+def make_clip(seed=0, **changes):
+    """A random CLIP of SIZES with `changes` applied (e.g. vision_layers=3, vision_patch_size=8), in eval mode."""
+    torch.manual_seed(seed)
+    return CLIP(**(SIZES | changes)).eval()
+
+
+def write_images(paths, seed=0, size=36):
+    """Random RGB noise PNG/JPEG files at `paths` (folders created)."""
+    rng = np.random.default_rng(seed)
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(p)
 
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    """root/clip.pt: a random CLIP (32 px, width 64); root/ds/{train,test}/<class>/: 3 and 2 noise images per class."""
+    """root/clip.pt: make_clip()'s weights; root/ds/{train,test}/<class>/: 3 and 2 noise images per class."""
     root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    torch.save(CLIP(32, 32, 1, 64, 16, 77, 49408, 64, 1, 1).state_dict(), root / "clip.pt")
-    rng = np.random.default_rng(0)
-    for split, n in [("train", 3), ("test", 2)]:
-        for c in NAMES:
-            (root / "ds" / split / c).mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(root / "ds" / split / c / f"{i}.png")
+    torch.save(make_clip().state_dict(), root / "clip.pt")
+    write_images([root / "ds" / split / c / f"{i}.png" for split, n in [("train", 3), ("test", 2)] for c in NAMES
+                  for i in range(n)])
     return root

@@ -9,6 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["coop.py", "capt.py", "sempt.py", "davpt.py"]
+BUDGET = {"coop.py": 200, "capt.py": 380, "sempt.py": 360, "davpt.py": 420}  # lines; the plumbing is in data/eval
 
 
 def lines(path):
@@ -25,7 +26,7 @@ def test_method_script_budget(name):
     path = ROOT / name
     if not path.exists():
         pytest.skip(f"{name} not written yet")
-    assert lines(path) <= 600, f"{name} has {lines(path)} lines; a method script should read in one go (cap 600)"
+    assert lines(path) <= BUDGET[name], f"{name} has {lines(path)} lines; its budget is {BUDGET[name]} (a method file holds its method, not plumbing)"
 
 
 def test_clip_is_method_agnostic():

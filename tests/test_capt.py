@@ -11,29 +11,26 @@ import torch.nn.functional as F
 import capt
 import clip
 import coop
+import eval as evaluation
 from conftest import NAMES
 
 OFF = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731  fp32 everywhere
 
 
 def make(tiny, argv=()):
-    """A frozen tiny CLIP and a CaPT module built from capt.py's own defaults plus argv."""
+    """A frozen tiny CLIP and a CaPT module configured exactly as `python capt.py *argv` would configure it."""
     model, _ = clip.load(str(tiny / "clip.pt"))
     model.requires_grad_(False)
-    args = capt.parser.parse_args(list(argv))
-    args.seed = args.seed[0]  # one run's arguments
-    setting = "decapt" if args.decapt else args.base
-    for name, value in zip(("scale", "hidden", "dropout", "epsilon"), capt.SETTINGS[setting]):
-        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
-    args.base = "kgcoop" if args.decapt else args.base
-    module = capt.CaPT(model, NAMES, "a photo of a {}.", args)
+    _, (args,) = evaluation.plan(capt.parser, capt.configure, list(argv))
+    cfg = capt.CaPTConfig.from_args(args)
+    module = capt.CaPT(model, NAMES, "a photo of a {}.", cfg, seed=args.seed)
     module.set_classnames(model, NAMES, OFF)
-    return model, module, args
+    return model, module, cfg
 
 
 @pytest.mark.parametrize("condition", ["text", "noise", "image"])
 def test_zero_meta_output_gives_exactly_coops_logits(tiny, condition):
-    model, module, args = make(tiny, ["--condition", condition])
+    model, module, cfg = make(tiny, ["--condition", condition])
     torch.nn.init.zeros_(module.meta.up.weight), torch.nn.init.zeros_(module.meta.up.bias)
     images = torch.randn(3, 3, 32, 32)
     f = model.encode_image(images)
@@ -41,7 +38,7 @@ def test_zero_meta_output_gives_exactly_coops_logits(tiny, condition):
     reference = 100 * F.normalize(f, dim=-1) @ coop.text_features(model, learner, OFF).t()  # CoOp's own path
     offsets = module.offsets(f)
     ours = capt.itm_logits(f, capt.encode_prompts(model, module.prompts(offsets), module.prompt_learner.eot_idx, OFF,
-                                                  args.chunk), 100.0)
+                                                  cfg.chunk), 100.0)
     assert torch.allclose(ours, reference, atol=1e-4)
 
 
@@ -56,14 +53,14 @@ def test_margin_itm_loss_equals_hand_computed_example():
 
 def test_kgcoop_term_is_zero_for_the_hand_crafted_prompt(tiny):
     """Context "a photo of a" with template "a photo of a {}." and no offset is exactly CLIP's hand-crafted prompt."""
-    model, module, args = make(tiny, ["--condition", "none", "--base", "kgcoop"])
-    g = capt.encode_prompts(model, module.prompts(None), module.prompt_learner.eot_idx, OFF, args.chunk)
+    model, module, cfg = make(tiny, ["--condition", "none", "--base", "kgcoop"])
+    g = capt.encode_prompts(model, module.prompts(None), module.prompt_learner.eot_idx, OFF, cfg.chunk)
     assert capt.kgcoop_loss(g, module.tci).item() == pytest.approx(0.0, abs=1e-5)
     assert capt.kgcoop_loss(g + torch.randn_like(g), module.tci).item() > 0.01
 
 
 def test_image_mode_gives_per_image_prompts_and_chunking_is_exact(tiny):
-    model, module, args = make(tiny, ["--condition", "image"])
+    model, module, cfg = make(tiny, ["--condition", "image"])
     f = model.encode_image(torch.randn(3, 3, 32, 32))
     prompts = module.prompts(module.offsets(f))
     K, T, D = module.prompt_learner().shape
@@ -79,12 +76,12 @@ def test_image_mode_gives_per_image_prompts_and_chunking_is_exact(tiny):
 @pytest.mark.parametrize("argv", [["--condition", "none"], ["--condition", "image"], ["--condition", "noise"],
                                   ["--condition", "text"], ["--decapt"]])
 def test_clip_is_bit_identical_after_a_step_and_trainables_move(tiny, argv):
-    model, module, args = make(tiny, argv)
+    model, module, cfg = make(tiny, argv)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params = {n: p.detach().clone() for n, p in module.named_parameters()}
     opt = torch.optim.SGD(module.parameters(), lr=0.5)
     f = model.encode_image(torch.randn(4, 3, 32, 32))
-    loss, _ = capt.step_loss(module, model, f, torch.tensor([0, 1, 2, 3]), args, OFF, 100.0)
+    loss, _ = capt.step_loss(module, model, f, torch.tensor([0, 1, 2, 3]), OFF)
     loss.backward()
     opt.step()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -94,25 +91,26 @@ def test_clip_is_bit_identical_after_a_step_and_trainables_move(tiny, argv):
 
 
 def test_decapt_fuses_on_base_and_uses_itm_only_on_new(tiny):
-    model, module, args = make(tiny, ["--decapt"])
+    model, module, cfg = make(tiny, ["--decapt"])
     module.eval()  # no meta-net dropout
     with torch.no_grad():
         module.classifier.weight.normal_()
     f = model.encode_image(torch.randn(6, 3, 32, 32))
-    itm = capt.predict(module, model, f, None, args, OFF)
+    itm = capt.predict(module, model, f, None, OFF)
     cat = f @ module.classifier.weight.t() + module.classifier.bias  # FiLM starts as the identity
-    assert torch.allclose(capt.predict(module, model, f, slice(None), args, OFF), 0.3 * itm + 0.7 * cat, atol=1e-4)
-    args.fusion = "probs"
-    assert torch.allclose(capt.predict(module, model, f, slice(None), args, OFF), 0.3 * itm.softmax(-1) + 0.7 * cat.softmax(-1),
+    assert torch.allclose(capt.predict(module, model, f, slice(None), OFF), 0.3 * itm + 0.7 * cat, atol=1e-4)
+    cfg.fusion = "probs"
+    assert torch.allclose(capt.predict(module, model, f, slice(None), OFF), 0.3 * itm.softmax(-1) + 0.7 * cat.softmax(-1),
                           atol=1e-5)
 
 
 def test_main_asks_for_fusion_on_base_only(tiny, tmp_path, monkeypatch):
     calls = []
-    real = capt.evaluate
-    monkeypatch.setattr(capt, "evaluate", lambda *a: calls.append((a[3], a[6])) or real(*a))
+    real = capt.predict
+    monkeypatch.setattr(capt, "predict", lambda capt_, model, f, rows, autocast: calls.append(
+        (len(capt_.prompt_learner.eot_idx), rows)) or real(capt_, model, f, rows, autocast))
     capt.main(argv(tiny, tmp_path, "--decapt"))
-    assert calls == [(sorted(NAMES)[:3], slice(None)), (sorted(NAMES)[3:], None)]
+    assert calls == [(3, slice(None)), (2, None)]  # 3 base classes fused, 2 new ones ITM only
 
 
 def argv(tiny, tmp_path, *extra):
@@ -132,7 +130,7 @@ def test_main_trains_then_eval_only_reproduces(tiny, tmp_path, extra):
 
 def test_noise_vector_survives_save_and_load(tiny, tmp_path):
     capt.main(argv(tiny, tmp_path, "--condition", "noise"))
-    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["state_dict"]
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["trainable"]
     model, other, _ = make(tiny, ["--condition", "noise", "--seed", "7"])  # another seed draws another vector
     assert not torch.equal(other.noise, saved["noise"])
     other.load_state_dict(saved)
@@ -144,7 +142,7 @@ def test_condition_none_without_margin_is_coop(tiny, tmp_path):
     common = argv(tiny, tmp_path)[:-2]
     capt.main(common + ["--out", str(tmp_path / "capt"), "--condition", "none", "--epsilon", "0"])
     coop.main(common + ["--out", str(tmp_path / "coop")])
-    ours = torch.load(tmp_path / "capt" / "checkpoint.pt", weights_only=True)["state_dict"]["prompt_learner.ctx"]
-    reference = torch.load(tmp_path / "coop" / "checkpoint.pt", weights_only=True)["ctx"]
+    ours = torch.load(tmp_path / "capt" / "checkpoint.pt", weights_only=True)["trainable"]["prompt_learner.ctx"]
+    reference = torch.load(tmp_path / "coop" / "checkpoint.pt", weights_only=True)["trainable"]["ctx"]
     assert torch.allclose(ours, reference, atol=1e-6) and not torch.equal(reference, coop.PromptLearner(
         clip.load(str(tiny / "clip.pt"))[0], NAMES).ctx.detach())

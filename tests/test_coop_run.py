@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import clip
 import coop
+import eval as evaluation
 from conftest import NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,12 +45,13 @@ def test_one_step_changes_only_the_context(tiny):
 
 
 def test_lr_schedule_matches_dassl():
-    lrs = [coop.lr_at_epoch(e, 0.0035, 10, 1e-5) for e in range(10)]
+    lrs = [evaluation.lr_at_epoch(e, 0.0035, 10, 1e-5) for e in range(10)]
     assert lrs[0] == 1e-5 and lrs[1] == pytest.approx(0.0035)
     assert lrs[-1] == pytest.approx(0.0035 * 0.5 * (1 + np.cos(np.pi * 8 / 10)))  # ~0.095 lr0 in the last epoch
 
 
-@pytest.mark.parametrize("script", ["coop.py", "capt.py", "sempt.py", "davpt.py", "eval.py", "bench.py"])
+@pytest.mark.parametrize("script", ["coop.py", "capt.py", "sempt.py", "davpt.py", "eval.py", "bench.py",
+                                    "world.py", "descriptions/describe.py"])
 def test_help(script):
     if not (ROOT / script).exists():
         pytest.skip(f"{script} not written yet")
@@ -65,7 +67,7 @@ def test_main_trains_then_eval_only_reproduces(tiny, tmp_path):
     for f in ("args.json", "results.json", "train_files.json", "checkpoint.pt"):
         assert (tmp_path / "run" / f).exists()
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert set(state) == {"ctx", "args", "classnames"}  # trainable tensors only, never the frozen CLIP
+    assert set(state["trainable"]) == {"ctx"}  # trainable tensors only, never the frozen CLIP
     again = coop.main(argv + ["--eval-only"])
     assert (again["base_acc"], again["new_acc"]) == (trained["base_acc"], trained["new_acc"])
     assert trained["base_classnames"] == sorted(NAMES)[:3] and trained["new_classnames"] == sorted(NAMES)[3:]

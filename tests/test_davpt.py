@@ -1,29 +1,25 @@
 """Tests for davpt.py (DA-VPT on CLIP's ViT). Run: python -m pytest -q tests/test_davpt.py"""
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import davpt  # noqa: E402
-from clip.model import CLIP, set_sdpa  # noqa: E402
+import data
+import davpt
+from clip.model import set_sdpa
+from conftest import make_clip
 
 
 def tiny_clip(seed=0):
-    torch.manual_seed(seed)
-    m = CLIP(embed_dim=32, image_resolution=32, vision_layers=3, vision_width=64, vision_patch_size=8,
-             context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)
-    return set_sdpa(m.eval(), False)
+    """Three vision blocks of 8x8 patches (16 patches), plain-math attention."""
+    return set_sdpa(make_clip(seed, vision_layers=3, vision_patch_size=8), False)
 
 
-def model_for(clip_model, **kw):
-    args = dict(num_classes=6, guided=[-1], num_guided=4, num_other=3)
-    args.update(kw)
-    return davpt.DAVPT(clip_model, args.pop("num_classes"), **args)
+def model_for(clip_model, num_classes=6, **kw):
+    cfg = davpt.DAVPTConfig(**(dict(guided_layers="-1", num_guided=4, num_other=3) | kw))
+    return davpt.DAVPT(clip_model, num_classes, cfg)
 
 
 def test_no_prompts_equals_encode_image():
@@ -35,7 +31,7 @@ def test_no_prompts_equals_encode_image():
 
 def test_prompt_shapes_and_replacement():
     clip_model = tiny_clip()
-    m = model_for(clip_model, guided=[1, 2])
+    m = model_for(clip_model, guided_layers="1,2")
     assert m.proxy_prompts.shape == (2, 4, 64) and m.other_prompts.shape == (1, 3, 64)
     assert [m.prompts(l).shape[0] for l in range(3)] == [3, 4, 4]
     seen = []
@@ -109,9 +105,9 @@ def test_proxy_anchor_hand_computed():
 def test_only_prompts_head_and_biases_get_gradients(tune_bias, token_feature):
     clip_model = tiny_clip()
     before = {k: v.clone() for k, v in clip_model.state_dict().items()}
-    m = model_for(clip_model, tune_bias=tune_bias, prompt_mask=True)
+    m = model_for(clip_model, tune_bias=tune_bias, prompt_mask=True, token_feature=token_feature)
     y = torch.tensor([0, 1, 2, 3])
-    feats, ml = m(torch.randn(4, 3, 32, 32), y % m.M_g, token_feature=token_feature)
+    feats, ml = m(torch.randn(4, 3, 32, 32), y % m.M_g)
     loss = F.cross_entropy(m.logits(feats), y) + sum(t + c for t, c in ml)
     loss.backward()
     with_grad = {k for k, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
@@ -160,8 +156,6 @@ def write_fixture(tmp_path):
 
 @pytest.mark.parametrize("head", ["linear", "text"])
 def test_main_end_to_end(tmp_path, head):
-    pytest.importorskip("data")
-    pytest.importorskip("eval")
     ckpt = tmp_path / "tiny.pt"
     torch.save(tiny_clip().state_dict(), ckpt)
     root = write_fixture(tmp_path)
@@ -200,26 +194,28 @@ def test_cub_reader_and_vtab1k(tmp_path):
                                      "3 005.Crested_Auklet/c.jpg\n")
     (root / "image_class_labels.txt").write_text("1 1\n2 5\n3 5\n")
     (root / "train_test_split.txt").write_text("1 1\n2 0\n3 1\n")
-    train, test, names = davpt.read_cub_style(str(root))
-    assert names == ["Black footed Albatross", "Crested Auklet"]
-    assert train == [(str(root / "images/001.Black_footed_Albatross/a.jpg"), 0, "Black footed Albatross"),
-                     (str(root / "images/005.Crested_Auklet/c.jpg"), 1, "Crested Auklet")]
-    assert test == [(str(root / "images/005.Crested_Auklet/b.jpg"), 1, "Crested Auklet")]
+    ds = data.load_dataset("cub", tmp_path)
+    assert ds.classnames == ["Black footed Albatross", "Crested Auklet"]
+    assert ds.train == [(str(root / "images/001.Black_footed_Albatross/a.jpg"), 0, "Black footed Albatross"),
+                        (str(root / "images/005.Crested_Auklet/c.jpg"), 1, "Crested Auklet")]
+    assert ds.test == [(str(root / "images/005.Crested_Auklet/b.jpg"), 1, "Crested Auklet")]
+    (root / "images.txt").unlink()
     with pytest.raises(FileNotFoundError, match="images.txt"):
-        davpt.read_cub_style(str(tmp_path))
+        data.load_dataset("cub", tmp_path)
     items = list(range(1500))
-    tr, va = davpt.vtab1k(items, 0)
-    assert len(tr) == 800 and len(va) == 200 and not set(tr) & set(va) and davpt.vtab1k(items, 0) == (tr, va)
+    tr, va = data.vtab1k(items, 0)
+    assert len(tr) == 800 and len(va) == 200 and not set(tr) & set(va) and data.vtab1k(items, 0) == (tr, va)
 
 
 def test_stanford_dogs_reader_reads_vpt_json_splits(tmp_path):
-    root = tmp_path / "StanfordDogs"
+    root = tmp_path / "Stanford-dogs"
     (root / "Images" / "n02085620-Chihuahua").mkdir(parents=True)
     (root / "train.json").write_text(json.dumps({"n02085620-Chihuahua/a.jpg": 0, "n02085782-Japanese_spaniel/b.jpg": 1}))
     (root / "test.json").write_text(json.dumps({"n02085782-Japanese_spaniel/c.jpg": 1}))
-    train, test, names = davpt.read_vpt_json(str(root))
-    assert names == ["Chihuahua", "Japanese spaniel"]
-    assert train[0] == (str(root / "Images/n02085620-Chihuahua/a.jpg"), 0, "Chihuahua")
-    assert test == [(str(root / "Images/n02085782-Japanese_spaniel/c.jpg"), 1, "Japanese spaniel")]
+    ds = data.load_dataset("dogs", tmp_path)
+    assert ds.classnames == ["Chihuahua", "Japanese spaniel"]
+    assert ds.train[0] == (str(root / "Images/n02085620-Chihuahua/a.jpg"), 0, "Chihuahua")
+    assert ds.test == [(str(root / "Images/n02085782-Japanese_spaniel/c.jpg"), 1, "Japanese spaniel")]
+    (root / "train.json").unlink()
     with pytest.raises(FileNotFoundError, match="train.json"):
-        davpt.read_vpt_json(str(tmp_path))
+        data.load_dataset("dogs", tmp_path)

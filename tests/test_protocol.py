@@ -79,8 +79,8 @@ def test_eurosat_layout_and_prepare(tmp_path):
             write_images([base / "2750" / rel])
     (base / "split_zhou_EuroSAT.json").write_text(json.dumps(split))
     s = data.prepare("eurosat", tmp_path, shots=2, seed=1)
-    assert len(s.train) == 5 * 2 and s.train_classnames == [n for _, n in names[:5]]
-    assert s.tests["new"][1] == [n for _, n in names[5:]] and len(s.tests["new"][0]) == 5
+    assert len(s.train) == 5 * 2 and s.classnames == [n for _, n in names[:5]]
+    assert s.tests["new"].classnames == [n for _, n in names[5:]] and len(s.tests["new"].items) == 5
     assert s.template == "a centered satellite photo of {}."
 
 
@@ -137,8 +137,8 @@ def test_harmonic_mean_and_average_by_hand():
 
 def test_table_aggregates_seeds_and_datasets(tmp_path):
     for d, seed, b, n in [("dtd", 1, 80, 40), ("dtd", 2, 70, 50), ("eurosat", 1, 90, 60)]:
-        evaluation.save_results(tmp_path / d / str(seed), {"method": "coop", "dataset": d, "seed": seed,
-                                                           "base_acc": b, "new_acc": n})
+        evaluation.save_json(tmp_path / d / str(seed) / "results.json", {"method": "coop", "dataset": d, "seed": seed,
+                                                                         "base_acc": b, "new_acc": n})
     table = evaluation.base2new_table(tmp_path)
     assert "| dtd | 75.00 (2) | 45.00 | 56.25 |" in table
     assert "| **Average** | 82.50 (2) | 52.50 | 64.17 |" in table
@@ -240,7 +240,8 @@ def test_cached_views_visit_every_image_once_per_epoch_through_a_stored_view(tin
     items = data.load_dataset("folder", tiny / "ds").train  # 15 images
     tf = data.transform(32, train=True)
     off = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
-    batches = evaluation.training_batches(model, items, tf, 4, "cpu", off, seed=1, views=3, store=tmp_path, dataset="t")
+    batches = data.training_batches(model, items, tf, 4, seed=1, device="cpu", autocast=off, views=3, store=tmp_path,
+                                    dataset="t")
     assert len(list(tmp_path.glob("*.pt"))) == 3  # one stored file per view
     views = torch.stack([evaluation.cached_image_features(tmp_path, k, None)[0] for k in sorted(
         p.stem for p in tmp_path.glob("*.pt"))])  # (3, 15, E)

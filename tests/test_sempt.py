@@ -21,6 +21,7 @@ import clip
 import data
 import sempt
 from conftest import NAMES
+from descriptions import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTRS = ["colour", "outline"]
@@ -56,15 +57,17 @@ def test_memory_safe_attribute_logits_equal_the_direct_ones():
         assert torch.allclose(ours, direct, atol=1e-4)
 
 
-def test_seen_classes_use_the_label_head_unseen_the_attribute_head():
+def test_seen_classes_use_the_label_head_unseen_the_attribute_head(tiny):
     assert sempt.use_label_head(["a", "b", "c"], {"a", "b"}).tolist() == [True, True, False]
     assert sempt.use_label_head(["a", "b"], {"a", "b"}, seen_head="attr").tolist() == [False, False]
+    model = clip.load(str(tiny / "clip.pt"))[0]
+    module = sempt.SemPT(model, ["a", "b", "c"], sempt.SemPTConfig())
     torch.manual_seed(0)
-    f, t = F.normalize(torch.randn(2, 8), dim=-1), F.normalize(torch.randn(3, 8), dim=-1)
-    A = F.normalize(torch.randn(3, 2, 8), dim=-1)
-    args = sempt.parser.parse_args([])
-    out = sempt.logits(f, t, A, A @ A.transpose(1, 2), torch.tensor([True, False, True]), args, 10.0)
-    attr = sempt.attribute_logits(f, t, A, A @ A.transpose(1, 2), args.beta, args.tau, 10.0)
+    f, t = F.normalize(torch.randn(2, 32), dim=-1), F.normalize(torch.randn(3, 32), dim=-1)
+    module.A = A = F.normalize(torch.randn(3, 2, 32), dim=-1)
+    module.M = A @ A.transpose(1, 2)
+    out = module.logits(f, t, torch.tensor([True, False, True]), 10.0)
+    attr = sempt.attribute_logits(f, t, A, A @ A.transpose(1, 2), module.cfg.beta, module.cfg.tau, 10.0)
     assert torch.allclose(out[:, [0, 2]], 10 * f @ t[[0, 2]].t()) and torch.allclose(out[:, 1], attr[:, 1])
 
 
@@ -90,7 +93,7 @@ def test_loader_names_the_missing_classes(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps({"red circle": ["a red circle."]}))
     with pytest.raises(ValueError, match=r"2 classes: \['blue square', 'green triangle'\]"):
         sempt.load_descriptions(tmp_path / "d.json", ["red circle", "blue square", "green triangle"])
-    with pytest.raises(FileNotFoundError, match="--describe"):
+    with pytest.raises(FileNotFoundError, match="describe.py"):
         sempt.load_descriptions(tmp_path / "none.json", ["red circle"])
 
 
@@ -121,10 +124,10 @@ def test_shipped_description_files_are_complete(dataset):
     raw = json.loads(path.read_text())
     names = world.CLASSNAMES if dataset == "world" else CLASSNAMES[dataset]
     attributes, desc = sempt.load_descriptions(path, names)
-    assert raw["prompt_version"] == sempt.PROMPT_VERSION and len(attributes) == 5 and set(raw["descriptions"]) == set(names)
+    assert raw["prompt_version"] == describe.PROMPT_VERSION and len(attributes) == 5 and set(raw["descriptions"]) == set(names)
     for c in names:
         for a in attributes:
-            sempt.check_sentences({a: desc[c][a]}, [a])
+            describe.check_sentences({a: desc[c][a]}, [a])
 
 
 @pytest.mark.parametrize("dataset", sorted(SPLIT_FILES))
@@ -198,7 +201,7 @@ def llm():
 
 
 def describe_argv(tiny, out, url):
-    return ["--describe", "--dataset", "folder", "--root", str(tiny / "ds"), "--descriptions", str(out),
+    return ["--dataset", "folder", "--root", str(tiny / "ds"), "--out", str(out),
             "--llm-url", url, "--llm-model", "fake", "--llm-timeout", "0.5", "--llm-backoff", "0.01",
             "--n-attributes", "2", "--n-sentences", "1", "--llm-key-env", "NANOPROMPT_TEST_KEY"]
 
@@ -206,10 +209,10 @@ def describe_argv(tiny, out, url):
 def test_generator_survives_bad_answers_and_keeps_the_key_secret(tiny, tmp_path, llm, monkeypatch, capsys):
     monkeypatch.setenv("NANOPROMPT_TEST_KEY", KEY)
     llm.script = ["malformed", "good", "500", "slow", "incomplete", "too long"]  # then good
-    out = sempt.main(describe_argv(tiny, tmp_path / "d.json", llm.url))
+    out = describe.main(describe_argv(tiny, tmp_path / "d.json", llm.url))
     raw = json.loads(Path(out).read_text())
     assert raw["attributes"] == ATTRS and sorted(raw["descriptions"]) == sorted(NAMES)
-    assert raw["llm"] == "fake" and raw["prompt_version"] == "v1"
+    assert raw["llm"] == "fake, the v1 prompts through describe.py's client" and raw["prompt_version"] == "v1"
     assert len(llm.answered) == len(set(llm.answered)) == 1 + len(NAMES)  # each question answered exactly once
     assert llm.requests == 1 + len(NAMES) + 5  # five bad answers, each retried once
     assert set(llm.keys) == {f"Bearer {KEY}"}  # the key reaches the server ...
@@ -219,26 +222,26 @@ def test_generator_survives_bad_answers_and_keeps_the_key_secret(tiny, tmp_path,
 
 
 def test_generator_json_mode_can_be_switched_off(tiny, tmp_path, llm):
-    sempt.main(describe_argv(tiny, tmp_path / "a.json", llm.url))
+    describe.main(describe_argv(tiny, tmp_path / "a.json", llm.url))
     assert llm.formats and all(f == {"type": "json_object"} for f in llm.formats)
     llm.formats.clear()
-    sempt.main(describe_argv(tiny, tmp_path / "b.json", llm.url) + ["--no-llm-json-mode"])
+    describe.main(describe_argv(tiny, tmp_path / "b.json", llm.url) + ["--no-llm-json-mode"])
     assert llm.formats and all(f is None for f in llm.formats)
 
 
 def test_generator_gives_up_with_a_clear_error(tiny, tmp_path, llm):
     llm.script = ["500"] * 10
     with pytest.raises(SystemExit, match="no valid answer after 5 tries .* run the same command again to resume"):
-        sempt.main(describe_argv(tiny, tmp_path / "d.json", llm.url))
+        describe.main(describe_argv(tiny, tmp_path / "d.json", llm.url))
     llm.script = ["401"]
     with pytest.raises(SystemExit, match="HTTP 401.*NANOPROMPT_TEST_KEY"):
-        sempt.main(describe_argv(tiny, tmp_path / "d.json", llm.url))
+        describe.main(describe_argv(tiny, tmp_path / "d.json", llm.url))
     assert not (tmp_path / "d.json").exists()
 
 
 def test_generator_resumes_after_a_kill_without_asking_again(tiny, tmp_path, llm):
     llm.script = ["good"] * 3 + ["hang"]  # step 1 and two classes, then the server stalls and we kill the run
-    proc = subprocess.Popen([sys.executable, "sempt.py", *describe_argv(tiny, tmp_path / "d.json", llm.url),
+    proc = subprocess.Popen([sys.executable, "descriptions/describe.py", *describe_argv(tiny, tmp_path / "d.json", llm.url),
                              "--llm-timeout", "120"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while llm.requests < 4 and time.time() < deadline:
@@ -246,7 +249,7 @@ def test_generator_resumes_after_a_kill_without_asking_again(tiny, tmp_path, llm
     proc.kill()
     proc.wait()
     assert llm.requests == 4 and len(llm.answered) == 3 and not (tmp_path / "d.json").exists()
-    sempt.main(describe_argv(tiny, tmp_path / "d.json", llm.url))
+    describe.main(describe_argv(tiny, tmp_path / "d.json", llm.url))
     assert len(llm.answered) == len(set(llm.answered)) == 1 + len(NAMES)  # the 3 cached answers were not asked again
     assert sorted(json.loads((tmp_path / "d.json").read_text())["descriptions"]) == sorted(NAMES)
 
@@ -263,7 +266,7 @@ def test_main_trains_then_eval_only_reproduces(tiny, descriptions, tmp_path):
     assert (trained["base_head"], trained["new_head"]) == ("label", "attribute")
     assert len(list((tmp_path / "cache").glob("sempt_attributes_*.pt"))) == 1
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert set(state) == {"ctx", "args", "classnames"} and state["classnames"] == sorted(NAMES)[:3]
+    assert set(state["trainable"]) == {"prompt_learner.ctx"} and state["classnames"] == sorted(NAMES)[:3]
     again = sempt.main(argv + ["--eval-only"])
     assert (again["base_acc"], again["new_acc"]) == (trained["base_acc"], trained["new_acc"])
     assert all(torch.equal(before[k], v) for k, v in clip.load(str(tiny / "clip.pt"))[0].state_dict().items())

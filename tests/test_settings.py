@@ -16,6 +16,7 @@ from PIL import Image
 
 import data
 import eval as evaluation
+from conftest import make_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 WNIDS = ["n01440764", "n01443537", "n01484850"]
@@ -56,10 +57,10 @@ def common(tiny, out):
             "--workers", "0", "--out", str(out)]
 
 
-@pytest.mark.parametrize("script", ["coop", "capt", "sempt"])
+@pytest.mark.parametrize("script", ["coop", "capt", "sempt", "davpt"])
 def test_crossdataset_and_domain_generalisation_end_to_end(tiny, layouts, tmp_path, script):
     module = __import__(script)
-    extra = ["--descriptions", str(tmp_path / "desc.json")] if script == "sempt" else []
+    extra = {"sempt": ["--descriptions", str(tmp_path / "desc.json")], "davpt": ["--head", "text"]}.get(script, [])
     if script == "sempt":  # one description file for source and targets: imagenet names, dtd names
         names = NAMES + ["banded", "dotted"]
         (tmp_path / "desc.json").write_text(json.dumps({c: {"look": [f"{c}, which is a thing."]} for c in names}))
@@ -103,9 +104,7 @@ def test_kill_and_resume_ends_exactly_as_an_uninterrupted_run(tmp_path):
             p = tmp_path / "ds" / c / f"{i}.png"
             p.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(p)
-    from clip.model import CLIP
-    torch.manual_seed(0)
-    torch.save(CLIP(32, 32, 2, 64, 16, 77, 49408, 64, 1, 2).state_dict(), tmp_path / "clip.pt")
+    torch.save(make_clip(vision_layers=2, transformer_layers=2).state_dict(), tmp_path / "clip.pt")
     argv = ["capt.py", "--dataset", "folder", "--root", str(tmp_path / "ds"), "--backbone", str(tmp_path / "clip.pt"),
             "--shots", "30", "--epochs", "6", "--batch-size", "2", "--device", "cpu", "--workers", "0"]
     subprocess.run([sys.executable, *argv, "--out", str(tmp_path / "whole")], cwd=ROOT, check=True, capture_output=True)
@@ -122,8 +121,8 @@ def test_kill_and_resume_ends_exactly_as_an_uninterrupted_run(tmp_path):
     assert 1 <= cut_at < 6 and not (tmp_path / "cut" / "results.json").exists()
     subprocess.run([sys.executable, *argv, "--out", str(tmp_path / "cut"), "--resume"], cwd=ROOT, check=True,
                    capture_output=True)
-    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["state_dict"]
-    resumed = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["state_dict"]
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["trainable"]
+    resumed = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["trainable"]
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "cut"))
     assert (a["base_acc"], a["new_acc"]) == (b["base_acc"], b["new_acc"])

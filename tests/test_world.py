@@ -44,8 +44,8 @@ def test_dataset_files_in_coop_format(tmp_path):
     path, label, name = split["train"][0]
     assert (folder / "images" / path).exists() and world.CLASSNAMES[label] == name
     s = data.prepare("world", tmp_path, shots=2, seed=1)  # plugs into data.py like any other dataset
-    assert s.train_classnames == world.CLASSNAMES[:16] and s.tests["new"][1] == world.CLASSNAMES[16:]
-    assert {n.split()[1] for n in s.train_classnames}.isdisjoint({n.split()[1] for n in s.tests["new"][1]})
+    assert s.classnames == world.CLASSNAMES[:16] and s.tests["new"].classnames == world.CLASSNAMES[16:]
+    assert {n.split()[1] for n in s.classnames}.isdisjoint({n.split()[1] for n in s.tests["new"].classnames})
 
 
 def test_pretraining_loss_falls_and_checkpoint_loads(tmp_path):

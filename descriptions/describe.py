@@ -1,0 +1,187 @@
+"""Write SemPT's attribute descriptions of a dataset with any OpenAI-compatible chat LLM (two-step prompting).
+
+    OPENAI_API_KEY=... python descriptions/describe.py --dataset dtd --root ~/data \\
+        --llm-url https://api.openai.com/v1 --llm-model gpt-4o
+
+Step 1, once per dataset: the K visual attributes shared by all its classes (STEP1 below). Step 2, once per class:
+J sentences per attribute (STEP2). Every answer is validated (K distinct attributes; every attribute of a class has
+sentences that fit CLIP's 77-token context) and cached under descriptions/.cache/<name>/, keyed by the model and
+the prompt, so a run that was interrupted resumes without asking again. The API key is read from the environment
+variable named by --llm-key-env and is never printed or written. The result, read by sempt.py:
+
+    {"dataset", "llm", "prompt_version", "attributes": [K], "descriptions": {class: {attribute: [J sentences]}}}
+
+The prompts are a reconstruction (SemPT's wording is not public); change them -> change PROMPT_VERSION.
+"""
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: clip, data, eval
+import clip  # noqa: E402
+import data  # noqa: E402
+import eval as evaluation  # noqa: E402
+
+PROMPT_VERSION = "v1"
+SYSTEM = "You are an expert in visual recognition. Answer with one JSON object and nothing else."
+STEP1 = ("Here are all category names of an image classification dataset of {domain}: {names}.\n"
+         "Name exactly {k} visual attributes that (1) can be seen in a single image, (2) apply to every one of these "
+         "categories, and (3) help most to tell them apart. Use short noun phrases; no non-visual properties (price, "
+         "behaviour, origin, taste).\nAnswer as {{\"attributes\": [{k} strings]}}.")
+STEP2 = ("Category: \"{name}\", one of the categories of a dataset of {domain}.\n"
+         "For each of these visual attributes: {attributes}, write {j} different short sentences (at most 20 words "
+         "each) that describe how this attribute looks for a \"{name}\" in a typical image. Every sentence starts "
+         "with \"{name}, which\" and talks only about that attribute and visible appearance. If the attribute does "
+         "not apply, describe how its absence looks.\n"
+         "Answer as {{\"<attribute>\": [{j} sentences], ...}} with exactly these attribute names as keys.")
+DOMAINS = {"world": "small rendered images of coloured shapes on a dark noisy background",
+           "imagenet": "everyday objects and animals", "caltech101": "objects", "oxford_pets": "pets (cat and dog breeds)",
+           "stanford_cars": "car models", "oxford_flowers": "flower species", "food101": "dishes of food",
+           "fgvc_aircraft": "aircraft models", "sun397": "scenes", "dtd": "texture photographs",
+           "eurosat": "satellite images of land use and land cover", "ucf101": "people doing actions"}
+HERE = Path(__file__).resolve().parent
+
+parser = argparse.ArgumentParser(description="Write descriptions/<dataset>.json for SemPT with an LLM")
+parser.add_argument("--dataset", required=True, help="dataset name (see data.DATASETS) or 'folder'")
+parser.add_argument("--root", default="data", help="folder holding the datasets (for the class names)")
+parser.add_argument("--download", action="store_true", help="fetch the dataset with torchvision if it is missing")
+parser.add_argument("--out", default=None, help="description file to write (default descriptions/<dataset>.json)")
+parser.add_argument("--force", action="store_true", help="overwrite --out if it exists (default: write beside it)")
+parser.add_argument("--llm-url", default="https://api.openai.com/v1", help="base URL of an OpenAI-compatible chat API")
+parser.add_argument("--llm-model", default="gpt-4o", help="chat model name")
+parser.add_argument("--llm-key-env", default="OPENAI_API_KEY", help="NAME of the environment variable holding the API key")
+parser.add_argument("--llm-timeout", type=float, default=120.0, help="seconds to wait for one answer")
+parser.add_argument("--llm-json-mode", action=argparse.BooleanOptionalAction, default=True,
+                    help="ask for response_format json_object (--no-llm-json-mode for servers without it)")
+parser.add_argument("--llm-retries", type=int, default=5, help="tries per question before giving up")
+parser.add_argument("--llm-backoff", type=float, default=2.0, help="first wait between tries, doubled after each")
+parser.add_argument("--domain", default=None, help="what the dataset shows, for the prompts (default: per dataset)")
+parser.add_argument("--n-attributes", type=int, default=5, help="K: shared attributes asked for in step 1 (5)")
+parser.add_argument("--n-sentences", type=int, default=3, help="J: sentences per attribute asked for in step 2 (3)")
+
+
+def ask(url, model, messages, key, timeout, json_mode=True):
+    """One chat completion over plain HTTP + JSON; returns the answer's text."""
+    url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else "/chat/completions")
+    body = {"model": model, "messages": messages, "temperature": 0}
+    body = json.dumps(body | ({"response_format": {"type": "json_object"}} if json_mode else {})).encode()
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())["choices"][0]["message"]["content"]
+
+
+def parse_json(text):
+    """The JSON object in an answer (tolerates a ```json fence around it)."""
+    text = re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip())
+    obj = json.loads(text)
+    if not isinstance(obj, dict):
+        raise ValueError("the answer is JSON but not an object")
+    return obj
+
+
+def check_attributes(answer, k):
+    """Step 1: exactly k distinct, non-empty attribute names."""
+    attributes = answer.get("attributes")
+    if not (isinstance(attributes, list) and all(isinstance(a, str) and a.strip() for a in attributes)):
+        raise ValueError("'attributes' is not a list of strings")
+    attributes = [a.strip() for a in attributes]
+    if len(attributes) != k or len(set(attributes)) != k:
+        raise ValueError(f"expected {k} distinct attributes, got {attributes}")
+    return attributes
+
+
+def check_sentences(answer, attributes):
+    """Step 2: every attribute present with >= 1 sentence, each sentence within CLIP's 77-token context."""
+    out = {}
+    for a in attributes:
+        sentences = answer.get(a)
+        if not (isinstance(sentences, list) and sentences and all(isinstance(s, str) and s.strip() for s in sentences)):
+            raise ValueError(f"attribute {a!r} is missing or has no sentences")
+        for s in sentences:
+            clip.tokenize(s)  # raises if the sentence does not fit CLIP's context
+        out[a] = [s.strip() for s in sentences]
+    return out
+
+
+def cached_answer(prompt, validate, args, key, cache_dir, what):
+    """Ask once: a validated answer is stored under a hash of (model, prompt); failures are retried with backoff."""
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+    path = Path(cache_dir) / (hashlib.sha256(json.dumps([args.llm_model, messages]).encode()).hexdigest() + ".json")
+    if path.exists():
+        return validate(json.loads(path.read_text()))
+    delay, error = args.llm_backoff, None
+    for attempt in range(1, args.llm_retries + 1):
+        try:
+            answer = parse_json(ask(args.llm_url, args.llm_model, messages, key, args.llm_timeout, args.llm_json_mode))
+            result = validate(answer)
+            evaluation.save_json(path, answer)
+            return result
+        except urllib.error.HTTPError as e:
+            if e.code in (400, 401, 403, 404):
+                raise SystemExit(f"the LLM endpoint refused the request for {what} (HTTP {e.code}): check --llm-url, "
+                                 f"--llm-model and the key in ${args.llm_key_env} (servers without JSON mode answer "
+                                 f"400: add --no-llm-json-mode)") from None
+            error = f"HTTP {e.code}"
+        except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as e:
+            error = f"no answer ({getattr(e, 'reason', e)})"
+        except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as e:
+            error = f"malformed answer ({e})"
+        if attempt < args.llm_retries:
+            print(f"{what}: try {attempt}/{args.llm_retries} failed: {error}; retrying in {delay:.1f} s")
+            time.sleep(delay)
+            delay *= 2
+    raise SystemExit(f"{what}: no valid answer after {args.llm_retries} tries (last: {error}). The answers so far are "
+                     f"cached in {cache_dir}; run the same command again to resume.")
+
+
+def output_path(args):
+    """--out, or descriptions/<dataset>.json; an existing file is kept (a new name beside it) unless --force."""
+    out = Path(args.out) if args.out else HERE / f"{args.dataset}.json"
+    if out.exists() and not args.force:
+        stem = f"{out.stem}.{re.sub(r'[^A-Za-z0-9.-]+', '-', args.llm_model)}"
+        out = next(p for i in range(1, 10_000) for p in [out.with_name(f"{stem}{'' if i == 1 else f'.{i}'}.json")]
+                   if not p.exists())
+    return out
+
+
+def describe(args):
+    """Step 1 once per dataset (K shared attributes), step 2 once per class (J sentences per attribute)."""
+    classnames = data.load_dataset(args.dataset, args.root, args.download).classnames
+    domain = args.domain or DOMAINS.get(args.dataset, "images")
+    key = os.environ.get(args.llm_key_env)  # never printed, never saved
+    out = output_path(args)
+    cache_dir = out.parent / ".cache" / out.stem  # beside the file: descriptions/.cache/ is git-ignored
+    shown = classnames if len(classnames) <= 100 else sorted(random.Random(0).sample(classnames, 100))  # long lists
+    prompt = STEP1.format(domain=domain, names=", ".join(shown), k=args.n_attributes)
+    attributes = cached_answer(prompt, lambda a: check_attributes(a, args.n_attributes), args, key, cache_dir, "step 1")
+    print(f"attributes of {args.dataset}: {attributes}")
+    descriptions = {}
+    for name in tqdm(classnames, desc="step 2: classes"):
+        prompt = STEP2.format(name=name, domain=domain, attributes=json.dumps(attributes), j=args.n_sentences)
+        descriptions[name] = cached_answer(prompt, lambda a: check_sentences(a, attributes), args, key, cache_dir,
+                                           f"step 2 ({name})")
+    how = f"{args.llm_model}, the {PROMPT_VERSION} prompts through describe.py's client"
+    evaluation.save_json(out, {"dataset": args.dataset, "llm": how, "prompt_version": PROMPT_VERSION,
+                               "attributes": attributes, "descriptions": descriptions})
+    print(f"wrote {out}: {len(classnames)} classes x {len(attributes)} attributes")
+    return out
+
+
+def main(argv=None):
+    return describe(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
