@@ -132,10 +132,6 @@ def bench_image(model, autocast, device, repeats, batch):
     return out
 
 
-def rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def bench_methods(model, C, autocast, device, repeats, batch=4):
     """Seconds per training step (forward + backward, frozen CLIP) of each method's trainable part on C classes."""
     names, tokens = class_names(C), class_prompts(C)
@@ -148,26 +144,22 @@ def bench_methods(model, C, autocast, device, repeats, batch=4):
         with torch.no_grad(), autocast():
             return model.encode_image(images).float()  # (B, E)
 
-    def capt_module(argv):
-        args = capt.parser.parse_args(argv)
-        args.seed = args.seed[0]  # one run's arguments
-        for name, value in zip(("scale", "hidden", "dropout", "epsilon"), capt.SETTINGS["decapt" if args.decapt else args.base]):
-            setattr(args, name, value)
-        args.base = "kgcoop" if args.decapt else args.base
-        module = capt.CaPT(model, names, "a photo of a {}.", args).to(device)
+    def capt_module(argv):  # configured as `python capt.py *argv` would be
+        _, (args,) = evaluation.plan(capt.parser, capt.configure, argv)
+        module = capt.CaPT(model, names, "a photo of a {}.", capt.CaPTConfig.from_args(args)).to(device)
         module.set_classnames(model, names, autocast)
-        return module, args
+        return module
 
     # CaPT's image condition first, so that the peak-memory reading is its own: B x C prompts, chunked.
     if device == "cuda" or C * batch <= 400:
-        module, args = capt_module(["--condition", "image"])
+        module = capt_module(["--condition", "image"])
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated() / 2**20 if device == "cuda" else rss_mb()
-        step = lambda: capt.step_loss(module, model, encode(), labels, args, autocast, scale)[0].backward()  # noqa: E731
+        before = torch.cuda.memory_allocated() / 2**20 if device == "cuda" else peak_memory_mb(device)
+        step = lambda: capt.step_loss(module, model, encode(), labels, autocast)[0].backward()  # noqa: E731
         out["capt image (CoCoOp)"] = timeit(step, repeats, device)
-        after = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else rss_mb()
-        extra["image condition peak memory"] = f"+{after - before:.0f} MiB over the model (chunk {args.chunk})"
+        extra["image condition peak memory"] = f"+{peak_memory_mb(device) - before:.0f} MiB over the model " \
+                                               f"(chunk {module.cfg.chunk})"
 
     learner = coop.PromptLearner(model, names).to(device)
     full = coop.PromptLearner(model, names).to(device)  # the same prompts run over all 77 positions
@@ -188,20 +180,21 @@ def bench_methods(model, C, autocast, device, repeats, batch=4):
         extra["coop logits, 77 vs truncated, max |diff|"] = f"{(coop_logits(full) - coop_logits(learner)).abs().max():.1e}"
     for label, argv in [("capt none", ["--condition", "none"]), ("capt noise", ["--condition", "noise"]),
                         ("capt text (CaPT)", ["--condition", "text"]), ("decapt", ["--decapt"])]:
-        module, args = capt_module(argv)
-        out[label] = timeit(lambda: capt.step_loss(module, model, encode(), labels, args, autocast, scale)[0].backward(),
+        module = capt_module(argv)
+        out[label] = timeit(lambda: capt.step_loss(module, model, encode(), labels, autocast)[0].backward(),
                             repeats, device)
-    A = F.normalize(torch.randn(C, 5, E, device=device), dim=-1)  # (C, K, E) attribute embeddings, K = 5
-    clip_t = F.normalize(torch.randn(C, E, device=device), dim=-1)
-    args = sempt.parser.parse_args([])
-    out["sempt"] = timeit(lambda: sempt.step_loss(model, learner, encode(), labels, A, A @ A.transpose(1, 2), clip_t, args,
-                                                  autocast, scale)[0].backward(), repeats, device)
+    _, (args,) = evaluation.plan(sempt.parser, sempt.configure, [])
+    semantic = sempt.SemPT(model, names, sempt.SemPTConfig.from_args(args)).to(device)
+    attributes = {c: F.normalize(torch.randn(5, E, device=device), dim=-1) for c in names}  # K = 5 attributes
+    semantic.set_classnames(model, names, attributes, "a photo of a {}.")
+    out["sempt"] = timeit(lambda: sempt.step_loss(semantic, model, encode(), labels, autocast)[0].backward(),
+                          repeats, device)
     return out, extra
 
 
 def bench_davpt(model, autocast, device, repeats, batch):
     """DA-VPT's training step (prompted forward + Proxy-Anchor losses) against plain VPT-deep (same prompts, CE only)."""
-    net = davpt.DAVPT(model, 16, [-1], 10, 10).to(device)
+    net = davpt.DAVPT(model, 16, davpt.DAVPTConfig(num_guided=10, num_other=10)).to(device)
     R = model.visual.input_resolution
     images, y = torch.randn(batch, 3, R, R, device=device), torch.arange(batch, device=device) % 16
     mapping = torch.arange(16, device=device) % net.M_g
@@ -224,14 +217,15 @@ def bench_store(model, autocast, device, n_images):
         for i in range(n_images):  # JPEG files of ImageNet-like size, decoded and resized as in a real evaluation
             path = Path(tmp) / f"{i}.jpg"
             Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)).save(path)
-            items.append((str(path), i % 10, f"class {i % 10}"))
+            items.append(data.Item(str(path), i % 10, f"class {i % 10}"))
         transform = data.transform(model.visual.input_resolution, train=False)
         times = []
         for _ in range(2):
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            evaluation.stored_image_features(model, items, transform, "bench", "test", Path(tmp) / "store", device, autocast)
+            evaluation.stored_image_features(model, items, transform, dataset="bench", part="test",
+                                             store=Path(tmp) / "store", device=device, autocast=autocast)
             times.append(time.perf_counter() - start)
     return times
 

@@ -262,9 +262,10 @@ def kgcoop_loss(text_features, tci):
 def step_loss(capt, model, f, labels, autocast):
     """(loss, ITM logits) of one batch of raw image features f (B, E): margin-ITM (+ KgCoOp) (+ DeCaPT's CAT head)."""
     cfg, logit_scale = capt.cfg, model.logit_scale.exp().float()
-    g = encode_prompts(model, capt.prompts(capt.offsets(f)), capt.prompt_learner.eot_idx, autocast, cfg.chunk)
+    g = encode_prompts(model, capt.prompts(capt.offsets(f)), capt.prompt_learner.eot_idx, autocast=autocast,
+                       chunk=cfg.chunk)
     logits = itm_logits(f, g, logit_scale)  # (B, C)
-    loss = margin_itm_loss(logits, labels, capt.tci_similarity, cfg.epsilon, logit_scale)
+    loss = margin_itm_loss(logits, labels, capt.tci_similarity, epsilon=cfg.epsilon, logit_scale=logit_scale)
     if cfg.decapt:  # both modalities through the one classifier: [FiLM_t(g_y) ; FiLM_i(f)] with labels [y ; y]
         cat_in = torch.cat([capt.film_text(g[labels]), capt.film_image(f)])  # (2B, E)
         cat_loss = F.cross_entropy(capt.classifier(cat_in), torch.cat([labels, labels]))
@@ -274,7 +275,7 @@ def step_loss(capt, model, f, labels, autocast):
     return loss, logits
 
 
-def train(capt, model, split, args, device, autocast):
+def train(capt, model, split, args, *, device, autocast):
     """SGD over context, meta-net (and CAT head at lr x cat-lr-mult); one line per epoch; a snapshot at each end."""
     transform = data.transform(model.visual.input_resolution, train=True, crop_scale=split.crop_scale)
     batches = data.training_batches(model, split.train, transform, args.batch_size, seed=args.seed, device=device,
@@ -282,7 +283,9 @@ def train(capt, model, split, args, device, autocast):
                                     dataset=args.dataset, num_workers=args.workers)
     head = [p for n, p in capt.named_parameters() if n.startswith(("film_", "classifier"))]
     rest = [p for n, p in capt.named_parameters() if not n.startswith(("film_", "classifier"))]
-    groups = [{"params": rest, "base_lr": args.lr}] + ([{"params": head, "base_lr": args.lr * args.cat_lr_mult}] if head else [])
+    groups = [{"params": rest, "base_lr": args.lr}]
+    if head:
+        groups.append({"params": head, "base_lr": args.lr * args.cat_lr_mult})
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     start, _ = evaluation.resume(args.out, capt, optimizer) if args.resume else (0, {})
     for epoch in range(start, args.epochs):
@@ -291,7 +294,7 @@ def train(capt, model, split, args, device, autocast):
         capt.train()
         meter = evaluation.Meter()
         for features, labels in tqdm(batches(epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
-            loss, logits = step_loss(capt, model, features, labels, autocast)
+            loss, logits = step_loss(capt, model, features, labels, autocast=autocast)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -309,10 +312,15 @@ def predict(capt, model, f, rows, autocast):
     cfg, logit_scale, eot = capt.cfg, model.logit_scale.exp().float(), capt.prompt_learner.eot_idx
     if cfg.condition == "image":  # per-image prompts: B x C of them, so about 64 chunks' worth of images at a time
         per = max(1, cfg.chunk * 64 // len(eot))  # ImageNet (C = 1000): 4 images = 4,000 prompts per batch
-        logits = torch.cat([itm_logits(fb, encode_prompts(model, capt.prompts(capt.offsets(fb)), eot, autocast, cfg.chunk),
-                                       logit_scale) for fb in f.split(per)])  # (N, C)
+        logits = []
+        for fb in f.split(per):
+            prompts = capt.prompts(capt.offsets(fb))  # (b, C, T, D)
+            g = encode_prompts(model, prompts, eot, autocast=autocast, chunk=cfg.chunk)  # (b, C, E)
+            logits.append(itm_logits(fb, g, logit_scale))
+        logits = torch.cat(logits)  # (N, C)
     else:
-        logits = itm_logits(f, encode_prompts(model, capt.prompts(capt.offsets()), eot, autocast, cfg.chunk), logit_scale)
+        g = encode_prompts(model, capt.prompts(capt.offsets()), eot, autocast=autocast, chunk=cfg.chunk)  # (C, E)
+        logits = itm_logits(f, g, logit_scale)  # (N, C)
     if rows is None:
         return logits
     cat_logits = capt.classifier(capt.film_image(f))[:, rows]  # (N, C) the CAT head, trained classes only
@@ -322,16 +330,17 @@ def predict(capt, model, f, rows, autocast):
 
 
 @torch.no_grad()
-def evaluate(capt, model, test, args, device, autocast):
+def evaluate(capt, model, test, args, *, device, autocast):
     """Accuracy on one test set: text features once per class list (per image batch for the image condition).
 
     DeCaPT fuses its CAT head only on classes it was trained on: base / all of the source, and ImageNet's variants
     through their ImageNet labels; new classes and other datasets get the ITM head only."""
     capt.eval()
     capt.set_classnames(model, test.classnames, autocast, test.template)
-    f, labels = evaluation.stored_test_features(model, test, args, device, autocast)  # (N, E) raw: the CAT head reads them
+    f, labels = evaluation.stored_test_features(model, test, args, device=device,
+                                                autocast=autocast)  # (N, E) raw: the CAT head reads them
     rows = slice(None) if test.name in ("base", "all") else test.imagenet_rows
-    return evaluation.accuracy(predict(capt, model, f, rows if capt.cfg.decapt else None, autocast), labels)
+    return evaluation.accuracy(predict(capt, model, f, rows if capt.cfg.decapt else None, autocast=autocast), labels)
 
 
 def configure(args):
@@ -355,9 +364,10 @@ def run(args):
     if args.eval_only:
         evaluation.load_checkpoint(args.out, capt)
     else:
-        train(capt, model, split, args, device, autocast)
+        train(capt, model, split, args, device=device, autocast=autocast)
         evaluation.save_checkpoint(args.out, capt, split)
-    accs = {name: evaluate(capt, model, test, args, device, autocast) for name, test in split.tests.items()}
+    accs = {name: evaluate(capt, model, test, args, device=device, autocast=autocast)
+            for name, test in split.tests.items()}
     return evaluation.results(split, accs)
 
 

@@ -81,39 +81,44 @@ def text_features(model, prompt_learner, autocast):
     return F.normalize(features.float(), dim=-1)
 
 
-def train(model, prompt_learner, split, args, device, autocast):
-    """SGD over the context only; one line per epoch; a resumable snapshot at every epoch end."""
+def step_loss(prompt_learner, model, features, labels, autocast):
+    """(loss, logits) of one batch of raw image features (B, E): cross-entropy over CLIP's scaled cosine logits."""
+    logit_scale = model.logit_scale.exp().float()
+    image_features = F.normalize(features, dim=-1)  # (B, E)
+    logits = logit_scale * image_features @ text_features(model, prompt_learner, autocast).t()  # (B, C)
+    return F.cross_entropy(logits, labels), logits
+
+
+def train(module, model, split, args, *, device, autocast):
+    """SGD over the module's trainable tensors with Dassl's schedule; one line per epoch; a snapshot at each end."""
     transform = data.transform(model.visual.input_resolution, train=True, crop_scale=split.crop_scale)
     batches = data.training_batches(model, split.train, transform, args.batch_size, seed=args.seed, device=device,
                                     autocast=autocast, views=args.cache_views, store=evaluation.store_dir(args),
                                     dataset=args.dataset, num_workers=args.workers)
-    optimizer = torch.optim.SGD(prompt_learner.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    start, _ = evaluation.resume(args.out, prompt_learner, optimizer) if args.resume else (0, {})
-    logit_scale = model.logit_scale.exp().float()
+    optimizer = torch.optim.SGD(module.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    start, _ = evaluation.resume(args.out, module, optimizer) if args.resume else (0, {})
     for epoch in range(start, args.epochs):
         lr = evaluation.lr_at_epoch(epoch, args.lr, args.epochs, args.warmup_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         meter = evaluation.Meter()
         for features, labels in tqdm(batches(epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
-            image_features = F.normalize(features, dim=-1)  # (B, E)
-            logits = logit_scale * image_features @ text_features(model, prompt_learner, autocast).t()  # (B, C)
-            loss = F.cross_entropy(logits, labels)
+            loss, logits = step_loss(module, model, features, labels, autocast=autocast)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             meter.add(loss, logits, labels)
         print(f"epoch {epoch + 1}/{args.epochs}  {meter}  lr {lr:.2e}")
-        evaluation.snapshot(args.out, prompt_learner, optimizer, epoch)
+        evaluation.snapshot(args.out, module, optimizer, epoch)
 
 
 @torch.no_grad()
-def evaluate(model, prompt_learner, test, args, device, autocast):
+def evaluate(model, prompt_learner, test, args, *, device, autocast):
     """Accuracy of the learned prompts on one test set: text features once, image features once (or from the store)."""
     prompt_learner.set_classnames(model, test.classnames)
     weights = text_features(model, prompt_learner, autocast)  # (C, E)
-    features, labels = evaluation.stored_test_features(model, test, args, device, autocast)  # (N, E) raw, (N,)
+    features, labels = evaluation.stored_test_features(model, test, args, device=device,
+                                                       autocast=autocast)  # (N, E) raw, (N,)
     return evaluation.accuracy(F.normalize(features, dim=-1) @ weights.t(), labels)
 
 
@@ -132,9 +137,10 @@ def run(args):
     if args.eval_only:
         evaluation.load_checkpoint(args.out, prompt_learner)
     else:
-        train(model, prompt_learner, split, args, device, autocast)
+        train(prompt_learner, model, split, args, device=device, autocast=autocast)
         evaluation.save_checkpoint(args.out, prompt_learner, split)
-    accs = {name: evaluate(model, prompt_learner, test, args, device, autocast) for name, test in split.tests.items()}
+    accs = {name: evaluate(model, prompt_learner, test, args, device=device, autocast=autocast)
+            for name, test in split.tests.items()}
     return evaluation.results(split, accs)
 
 

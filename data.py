@@ -9,7 +9,6 @@ base = first ceil(n/2) sorted labels, new = the rest -> relabel 0..k-1. Test set
 selected classes. Few-shot uses every class; cross-dataset trains on the source and tests each target with its
 own class names and template.
 """
-import argparse
 import hashlib
 import json
 import math
@@ -315,9 +314,8 @@ def _download(name, root):
     label = {c: i for i, c in enumerate(sorted({c for items in pools.values() for _, c in items}))}
     split = {s: [[os.path.relpath(p, image_dir), label[c], c] for p, c in items] for s, items in pools.items()}
     image_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(split))
-    os.replace(tmp, target)
+    import eval as evaluation  # the one atomic writer (eval.py imports this module, so not at the top)
+    evaluation.save_json(target, split)
     print(f"no CoOp split file for {name}: wrote a deterministic split to {target}")
 
 

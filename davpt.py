@@ -76,6 +76,7 @@ parser.add_argument("--vtab1k", action="store_true", help="VTAB-1k style: 800 tr
 parser.add_argument("--clip-grad", type=float, default=10.0, help="gradient value clipping (code: 10)")
 
 
+# ----------------------------------------------------------------------------------------------- model
 @dataclass
 class DAVPTConfig:
     """What the model and its losses take, resolved from the flags once."""
@@ -96,55 +97,6 @@ class DAVPTConfig:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
-# ----------------------------------------------------------------------------------------------- losses, k-means
-def proxy_anchor(x, prompts, y, alpha=32.0, delta=0.1, sigma=5.0):
-    """Proxy-Anchor loss with the prompts (M, D) as proxies for the batch features x (B, D) and prompt labels y (B,).
-
-    Code's averaging: both terms are divided by M (all prompts); prompts with no positive in the batch add log(1) = 0.
-    The paper's Eq. 4 (and the original Proxy-Anchor) divide the positive term by |P+| (prompts with positives).
-    """
-    M = prompts.shape[0]
-    s = sigma * F.normalize(x.float(), dim=-1) @ F.normalize(prompts.float(), dim=-1).t()  # (B, M), fp32: alpha*s ~ 160
-    pos = F.one_hot(y, M).bool()  # (B, M)
-    zero = s.new_zeros(1, M)  # the "1 +" inside the log
-    pos_logits = torch.where(pos, -alpha * (s - delta), float("-inf"))  # (B, M)
-    neg_logits = torch.where(~pos, alpha * (s + delta), float("-inf"))  # (B, M)
-    pos_term = torch.logsumexp(torch.cat([zero, pos_logits]), dim=0)  # (M,)
-    neg_term = torch.logsumexp(torch.cat([zero, neg_logits]), dim=0)  # (M,)
-    return pos_term.sum() / M + neg_term.sum() / M
-
-
-def cosine_kmeans(feats, k, init=None, iters=20, tol=1e-4, generator=None):
-    """Cosine k-means of feats (C, E): returns (assignment (C,), centroids (k, E)). Init: a random subset, or `init`."""
-    x = F.normalize(F.layer_norm(feats.float(), feats.shape[-1:]), dim=-1)  # (C, E), the code's kmeans_norm: layer
-    if init is None:
-        init = x[torch.randperm(x.shape[0], generator=generator)[:k]]  # (k, E)
-    cent = F.normalize(init.float(), dim=-1)
-    for _ in range(iters):
-        assign = (x @ cent.t()).argmax(dim=1)  # (C,)
-        new = torch.zeros_like(cent).index_add_(0, assign, x)  # (k, E)
-        empty = new.norm(dim=-1) == 0
-        new = torch.where(empty[:, None], cent, F.normalize(new, dim=-1))  # keep a centroid that lost all members
-        shift = (new - cent).norm(dim=-1).max()
-        cent = new
-        if shift < tol:
-            break
-    return (x @ cent.t()).argmax(dim=1), cent
-
-
-def initial_mapping(means, k, seed):
-    """Class -> prompt index: identity when C <= k, else cosine k-means (never-sampled classes go to random prompts)."""
-    C = means.shape[0]
-    g = torch.Generator().manual_seed(seed)
-    if C <= k:
-        return torch.arange(C), None
-    assign, cent = cosine_kmeans(means.cpu(), k, generator=g)
-    unseen = means.cpu().abs().sum(1) == 0
-    assign[unseen] = torch.randint(k, (int(unseen.sum()),), generator=g)
-    return assign, cent
-
-
-# ----------------------------------------------------------------------------------------------- model
 class DAVPT(nn.Module):
     """Prompts for every block of CLIP's ViT, optional b_V deltas, a head, and the prompted forward + ML losses."""
 
@@ -213,8 +165,8 @@ class DAVPT(nn.Module):
                 else:  # the released code: mean of the block-input patch tokens
                     tok = x[:, -P:].mean(dim=1)  # (B, D)
                 q_cls = parts["q"][:, :, 0].reshape(B, -1)  # (B, H*hd) = (B, D), [CLS] query
-                losses.append((proxy_anchor(tok, prm, y_prompt, cfg.alpha, cfg.delta, cfg.sigma),
-                               proxy_anchor(q_cls, prm, y_prompt, cfg.alpha, cfg.delta, cfg.sigma)))
+                losses.append((proxy_anchor(tok, prm, y_prompt, alpha=cfg.alpha, delta=cfg.delta, sigma=cfg.sigma),
+                               proxy_anchor(q_cls, prm, y_prompt, alpha=cfg.alpha, delta=cfg.delta, sigma=cfg.sigma)))
             x = x + a
             x = x + block.mlp(block.ln_2(x))
         return vis.head(x), (losses if y_prompt is not None else None)  # (B, E)
@@ -225,7 +177,67 @@ class DAVPT(nn.Module):
         return self.logit_scale * F.normalize(feats.float(), dim=-1) @ self.text_weights.t()  # (B, C)
 
 
+# ----------------------------------------------------------------------------------------------- losses
+def proxy_anchor(x, prompts, y, alpha=32.0, delta=0.1, sigma=5.0):
+    """Proxy-Anchor loss with the prompts (M, D) as proxies for the batch features x (B, D) and prompt labels y (B,).
+
+    Code's averaging: both terms are divided by M (all prompts); prompts with no positive in the batch add log(1) = 0.
+    The paper's Eq. 4 (and the original Proxy-Anchor) divide the positive term by |P+| (prompts with positives).
+    """
+    M = prompts.shape[0]
+    s = sigma * F.normalize(x.float(), dim=-1) @ F.normalize(prompts.float(), dim=-1).t()  # (B, M), fp32: alpha*s ~ 160
+    pos = F.one_hot(y, M).bool()  # (B, M)
+    zero = s.new_zeros(1, M)  # the "1 +" inside the log
+    pos_logits = torch.where(pos, -alpha * (s - delta), float("-inf"))  # (B, M)
+    neg_logits = torch.where(~pos, alpha * (s + delta), float("-inf"))  # (B, M)
+    pos_term = torch.logsumexp(torch.cat([zero, pos_logits]), dim=0)  # (M,)
+    neg_term = torch.logsumexp(torch.cat([zero, neg_logits]), dim=0)  # (M,)
+    return pos_term.sum() / M + neg_term.sum() / M
+
+
 # ----------------------------------------------------------------------------------------------- training
+def cosine_kmeans(feats, k, init=None, iters=20, tol=1e-4, generator=None):
+    """Cosine k-means of feats (C, E): returns (assignment (C,), centroids (k, E)). Init: a random subset, or `init`."""
+    x = F.normalize(F.layer_norm(feats.float(), feats.shape[-1:]), dim=-1)  # (C, E), the code's kmeans_norm: layer
+    if init is None:
+        init = x[torch.randperm(x.shape[0], generator=generator)[:k]]  # (k, E)
+    cent = F.normalize(init.float(), dim=-1)
+    for _ in range(iters):
+        assign = (x @ cent.t()).argmax(dim=1)  # (C,)
+        new = torch.zeros_like(cent).index_add_(0, assign, x)  # (k, E)
+        empty = new.norm(dim=-1) == 0
+        new = torch.where(empty[:, None], cent, F.normalize(new, dim=-1))  # keep a centroid that lost all members
+        shift = (new - cent).norm(dim=-1).max()
+        cent = new
+        if shift < tol:
+            break
+    return (x @ cent.t()).argmax(dim=1), cent
+
+
+def initial_mapping(means, k, seed):
+    """Class -> prompt index: identity when C <= k, else cosine k-means (never-sampled classes go to random prompts)."""
+    C = means.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    if C <= k:
+        return torch.arange(C), None
+    assign, cent = cosine_kmeans(means.cpu(), k, generator=g)
+    unseen = means.cpu().abs().sum(1) == 0
+    assign[unseen] = torch.randint(k, (int(unseen.sum()),), generator=g)
+    return assign, cent
+
+
+@torch.no_grad()
+def class_means(encode, loader, num_classes, device):
+    """(C, E) mean feature of each class over a loader (zeros for classes it never shows)."""
+    sums, counts = None, torch.zeros(num_classes, device=device)
+    for images, labels in loader:
+        f = encode(images.to(device)).float()  # (B, E)
+        sums = torch.zeros(num_classes, f.shape[1], device=device) if sums is None else sums
+        sums.index_add_(0, labels.to(device), f)
+        counts.index_add_(0, labels.to(device), torch.ones_like(labels, dtype=torch.float, device=device))
+    return sums / counts.clamp(min=1)[:, None]  # (C, E)
+
+
 def balanced_batches(labels, batch_size, generator):
     """Class-balanced batches for one epoch: batch_size/2 classes x 2 images (the code's class sampler)."""
     by_class = {}
@@ -245,18 +257,6 @@ def balanced_batches(labels, batch_size, generator):
     return batches
 
 
-@torch.no_grad()
-def class_means(encode, loader, num_classes, device):
-    """(C, E) mean feature of each class over a loader (zeros for classes it never shows)."""
-    sums, counts = None, torch.zeros(num_classes, device=device)
-    for images, labels in loader:
-        f = encode(images.to(device)).float()  # (B, E)
-        sums = torch.zeros(num_classes, f.shape[1], device=device) if sums is None else sums
-        sums.index_add_(0, labels.to(device), f)
-        counts.index_add_(0, labels.to(device), torch.ones_like(labels, dtype=torch.float, device=device))
-    return sums / counts.clamp(min=1)[:, None]  # (C, E)
-
-
 def lr_at(step, total, warmup, base_lr):
     """Per-step linear warm-up, then cosine (timm's scheduler as the released configs set it)."""
     if step < warmup:
@@ -264,7 +264,7 @@ def lr_at(step, total, warmup, base_lr):
     return 0.5 * base_lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train(model, split, args, device, autocast):
+def train(model, split, args, *, device, autocast):
     """AdamW over prompts (and head, biases); k-means mapping refreshed per epoch; a snapshot at each epoch end."""
     C = len(split.classnames)
     g = torch.Generator().manual_seed(args.seed)
@@ -327,8 +327,9 @@ def train(model, split, args, device, autocast):
     return mapping
 
 
+# ----------------------------------------------------------------------------------------------- evaluation and run
 @torch.no_grad()
-def evaluate(model, test, args, device, autocast):
+def evaluate(model, test, args, *, device, autocast):
     """Top-1 accuracy of the prompted encoder + head on one test set."""
     model.eval()
     correct = total = 0
@@ -352,7 +353,8 @@ def run(args):
                          setting=args.setting, targets=args.targets, download=args.download)
     if args.vtab1k:  # train on 800 images of the full train split, report the 200 held out as "val"
         split.train, val_items = data.vtab1k(split.train, args.seed)
-        split.tests["val"] = data.TestSet("val", split.dataset, "val", val_items, split.classnames, split.template)
+        split.tests["val"] = data.TestSet(name="val", dataset=split.dataset, part="val", items=val_items,
+                                          classnames=split.classnames, template=split.template)
     clip_model, device, autocast = evaluation.start_run(args, split)
     text_weights = evaluation.zeroshot_weights(clip_model, split.classnames, split.template, device) \
         if args.head == "text" else None
@@ -363,7 +365,7 @@ def run(args):
     if args.eval_only:
         evaluation.load_checkpoint(args.out, model)
     else:
-        mapping = train(model, split, args, device, autocast)
+        mapping = train(model, split, args, device=device, autocast=autocast)
         evaluation.save_checkpoint(args.out, model, split, mapping=mapping.cpu())
     accs = {}
     for name, test in split.tests.items():
@@ -373,7 +375,7 @@ def run(args):
             continue
         if args.head == "text":
             model.text_weights = evaluation.zeroshot_weights(clip_model, test.classnames, test.template, device).float()
-        accs[name] = evaluate(model, test, args, device, autocast)
+        accs[name] = evaluate(model, test, args, device=device, autocast=autocast)
     return evaluation.results(split, accs, trainable_params=n_train)
 
 

@@ -149,7 +149,8 @@ def attributes_of(model, dataset, classnames, args, autocast):
     path = args.descriptions or default_descriptions(dataset)
     names, descriptions = load_descriptions(path, classnames)
     print(f"{path}: {len(names)} attributes {names}")
-    return attribute_embeddings(model, names, descriptions, args.cache_dir or Path(args.root) / ".cache", autocast)
+    return attribute_embeddings(model, names, descriptions, cache_dir=args.cache_dir or Path(args.root) / ".cache",
+                                autocast=autocast)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ class SemPT(nn.Module):
         label = scale * f @ t.t()  # (B, C)
         if bool(label_head.all()):
             return label
-        attr = attribute_logits(f, t, self.A, self.M, self.cfg.beta, self.cfg.tau, scale)  # (B, C)
+        attr = attribute_logits(f, t, self.A, self.M, beta=self.cfg.beta, tau=self.cfg.tau, scale=scale)  # (B, C)
         return torch.where(label_head[None], label, attr)
 
 
@@ -255,34 +256,35 @@ def step_loss(sempt, model, features, labels, autocast):
     t = text_features(model, sempt.prompt_learner, autocast)  # (C, E)
     label = scale * f @ t.t()  # (B, C)
     loss = F.cross_entropy(label, labels)
-    attr = attribute_logits(f, t, sempt.A, sempt.M, cfg.beta, cfg.tau, scale)  # (B, C)
+    attr = attribute_logits(f, t, sempt.A, sempt.M, beta=cfg.beta, tau=cfg.tau, scale=scale)  # (B, C)
     loss = loss + cfg.attr_weight * F.cross_entropy(attr, labels)
     if cfg.kg_weight:
         loss = loss + cfg.kg_weight * (1 - (t * sempt.clip_t).sum(-1).mean())
     return loss, label
 
 
-def train(sempt, model, split, args, device, autocast):
-    """SGD over the context only; one line per epoch; a resumable snapshot at every epoch end."""
+# Copied from coop.py: train
+def train(module, model, split, args, *, device, autocast):
+    """SGD over the module's trainable tensors with Dassl's schedule; one line per epoch; a snapshot at each end."""
     transform = data.transform(model.visual.input_resolution, train=True, crop_scale=split.crop_scale)
     batches = data.training_batches(model, split.train, transform, args.batch_size, seed=args.seed, device=device,
                                     autocast=autocast, views=args.cache_views, store=evaluation.store_dir(args),
                                     dataset=args.dataset, num_workers=args.workers)
-    optimizer = torch.optim.SGD(sempt.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    start, _ = evaluation.resume(args.out, sempt, optimizer) if args.resume else (0, {})
+    optimizer = torch.optim.SGD(module.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    start, _ = evaluation.resume(args.out, module, optimizer) if args.resume else (0, {})
     for epoch in range(start, args.epochs):
         lr = evaluation.lr_at_epoch(epoch, args.lr, args.epochs, args.warmup_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         meter = evaluation.Meter()
         for features, labels in tqdm(batches(epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
-            loss, label = step_loss(sempt, model, features, labels, autocast)
+            loss, logits = step_loss(module, model, features, labels, autocast=autocast)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            meter.add(loss, label, labels)
+            meter.add(loss, logits, labels)
         print(f"epoch {epoch + 1}/{args.epochs}  {meter}  lr {lr:.2e}")
-        evaluation.snapshot(args.out, sempt, optimizer, epoch)
+        evaluation.snapshot(args.out, module, optimizer, epoch)
 
 
 @torch.no_grad()
@@ -291,7 +293,7 @@ def evaluate(sempt, model, test, args, *, seen, seen_head, device, autocast):
     (B, C, K). seen: the training classes; seen_head: their head (--dg-head when tested in another domain)."""
     t = text_features(model, sempt.prompt_learner, autocast)  # (C, E)
     label_head = use_label_head(test.classnames, seen, seen_head).to(device)  # (C,)
-    f, labels = evaluation.stored_test_features(model, test, args, device, autocast)  # (N, E) raw, (N,)
+    f, labels = evaluation.stored_test_features(model, test, args, device=device, autocast=autocast)  # (N, E) raw, (N,)
     f, scale = F.normalize(f, dim=-1), model.logit_scale.exp().float()
     logits = torch.cat([sempt.logits(fb, t, label_head, scale) for fb in f.split(256)])  # (N, C)
     heads = "label" if bool(label_head.all()) else "attribute" if not bool(label_head.any()) else \
@@ -309,21 +311,22 @@ def run(args):
                          targets=args.targets, download=args.download)
     model, device, autocast = evaluation.start_run(args, split)
     own = [t for t in split.tests.values() if t.dataset == split.dataset]  # the training dataset's own test sets
-    attributes = attributes_of(model, args.dataset, sorted({c for t in own for c in t.classnames}), args, autocast)
+    attributes = attributes_of(model, args.dataset, sorted({c for t in own for c in t.classnames}), args,
+                               autocast=autocast)
     sempt = SemPT(model, split.classnames, SemPTConfig.from_args(args)).to(device)
     evaluation.show_trainable(sempt)
     if args.eval_only:
         seen = set(evaluation.load_checkpoint(args.out, sempt)["classnames"])
     else:
         sempt.set_classnames(model, split.classnames, attributes, split.template)
-        train(sempt, model, split, args, device, autocast)
+        train(sempt, model, split, args, device=device, autocast=autocast)
         evaluation.save_checkpoint(args.out, sempt, split)
         seen = set(split.classnames)
     accs, heads = {}, {}
     for name, test in split.tests.items():
         # A cross-dataset target reads its own descriptions; its seen classes (another domain) use --dg-head.
         target = test.dataset != split.dataset
-        test_attributes = attributes_of(model, name, test.classnames, args, autocast) if target else attributes
+        test_attributes = attributes_of(model, name, test.classnames, args, autocast=autocast) if target else attributes
         sempt.set_classnames(model, test.classnames, test_attributes, test.template)
         accs[name], heads[f"{name}_head"] = evaluate(sempt, model, test, args, seen=seen, device=device,
                                                      seen_head=args.dg_head if target else "label", autocast=autocast)

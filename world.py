@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import clip
+import eval as evaluation
 from clip.model import CLIP
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 220, 50),
@@ -83,13 +84,6 @@ def caption(colour, shape, pattern, size, rng):
     return f"{start} {' '.join(keep)}."
 
 
-def atomic_save(obj, path):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def pretraining_set(folder, seed):
     """(images uint8 (N, 32, 32, 3), token ids (N, 77)) of the pretraining renders, rendered once and cached."""
     path = folder / f"pretrain_seed{seed}.pt"
@@ -105,7 +99,7 @@ def pretraining_set(folder, seed):
                              for i in range(0, n, 5000)])
     tokens = clip.tokenize([caption(c, s, p, z, rng) for c, s, p, z in zip(colour, shape, pattern, size)])
     images = torch.from_numpy(images)
-    atomic_save({"images": images, "tokens": tokens}, path)
+    evaluation.atomic_write(path, lambda tmp: torch.save({"images": images, "tokens": tokens}, tmp))
     return images, tokens
 
 
@@ -151,7 +145,7 @@ def prepare_clip(root, seed=0):
         print(f"preparing the built-in world's CLIP (first use only; cached at {path})")
         images, tokens = pretraining_set(folder, seed)
         model, losses = pretrain(images, tokens, PRETRAIN["steps"], seed)
-        atomic_save(model.state_dict(), path)
+        evaluation.atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
         print(f"pretrained in {time.time() - start:.0f} s: loss {np.mean(losses[:50]):.3f} -> {np.mean(losses[-50:]):.3f}")
     return path
 
@@ -178,8 +172,7 @@ def prepare_dataset(root, seed=0, train_per_class=24, test_per_class=40):
             split["train" if i < train_per_class else "test"].append([rel, label, name])
     shutil.rmtree(folder / "images", ignore_errors=True)
     os.replace(tmp, folder / "images")
-    (folder / "split_world.json.tmp").write_text(json.dumps(split))
-    os.replace(folder / "split_world.json.tmp", folder / "split_world.json")  # written last: marks the folder complete
+    evaluation.save_json(folder / "split_world.json", split)  # written last: marks the folder complete
     return folder
 
 

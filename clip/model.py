@@ -17,7 +17,7 @@ Differences from openai/CLIP's `clip/model.py`, none of which changes a number:
   computes in fp32.
 
 Dimension legend: B batch, N image tokens (1 + patches), T text tokens (<= 77), D width, H heads,
-hd = D / H head width, E joint embedding width, K number of texts.
+hd = D / H head width, E joint embedding width, C number of texts (class prompts).
 """
 import math
 
@@ -167,35 +167,31 @@ class CLIP(nn.Module):
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=width ** -0.5)
 
-    @property
-    def dtype(self):
-        return self.visual.conv1.weight.dtype
-
     def encode_image(self, images):
         return self.visual(images)  # (B, E)
 
     def encode_token_embeddings(self, x, eot_idx):
-        """Text features from token embeddings x (K, T, D), T <= 77, taken at the end-of-text positions eot_idx (K,).
+        """Text features from token embeddings x (C, T, D), T <= 77, taken at the end-of-text positions eot_idx (C,).
 
         This is the entry point for learned prompts: x is what `token_embedding` gives, with some rows replaced.
         """
         T = x.shape[1]
         x = x + self.positional_embedding[:T].to(x.dtype)
-        x = self.transformer(x, build_causal_mask(T, x.device, x.dtype))  # (K, T, D)
-        x = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot_idx])  # (K, D)
-        return x @ self.text_projection  # (K, E)
+        x = self.transformer(x, build_causal_mask(T, x.device, x.dtype))  # (C, T, D)
+        x = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot_idx])  # (C, D)
+        return x @ self.text_projection  # (C, E)
 
     def encode_text(self, text, truncate=True):
-        """Token ids (K, 77) -> text features (K, E). The end-of-text token has the largest id in the vocabulary."""
-        eot_idx = text.argmax(dim=-1)  # (K,)
+        """Token ids (C, 77) -> text features (C, E). The end-of-text token has the largest id in the vocabulary."""
+        eot_idx = text.argmax(dim=-1)  # (C,)
         if truncate:  # exact: the causal mask hides later positions from the EOT token
-            text = text[:, : int(eot_idx.max()) + 1]  # (K, T)
+            text = text[:, : int(eot_idx.max()) + 1]  # (C, T)
         return self.encode_token_embeddings(self.token_embedding(text), eot_idx)
 
     def forward(self, images, text):
         image_features = F.normalize(self.encode_image(images), dim=-1)
         text_features = F.normalize(self.encode_text(text), dim=-1)
-        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()  # (B, K)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()  # (B, C)
         return logits_per_image, logits_per_image.t()
 
 

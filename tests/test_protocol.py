@@ -15,7 +15,7 @@ import eval as evaluation
 
 SPLITS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "coop_splits"
 
-# Published sizes (CoOp DATASETS.md, as in the method notes §C.4): train / val / test and classes.
+# Published sizes (CoOp's DATASETS.md): train / val / test and classes.
 PUBLISHED = {
     "split_zhou_Caltech101.json": (4128, 1649, 2465, 100),
     "split_zhou_OxfordPets.json": (2944, 736, 3669, 37),
@@ -25,7 +25,7 @@ PUBLISHED = {
     "split_zhou_EuroSAT.json": (13500, 5400, 8100, 10),
     "split_zhou_UCF101.json": (7639, 1898, 3783, 101),
 }
-# Published base/new class counts of the base-to-new protocol (§C.3), by total class count.
+# Published base/new class counts of the base-to-new protocol (CoCoOp: first ceil(n/2) labels), by total class count.
 BASE_NEW = {1000: (500, 500), 100: (50, 50), 37: (19, 18), 196: (98, 98), 102: (51, 51), 101: (51, 50),
             397: (199, 198), 47: (24, 23), 10: (5, 5)}
 
