@@ -63,21 +63,21 @@ parser.add_argument("--condition", default="text", choices=["none", "image", "no
                     help="the meta-net's input: none = CoOp, image = CoCoOp, noise = one fixed random vector, text = CaPT")
 parser.add_argument("--base", default="coop", choices=["coop", "kgcoop"], help="the unconditional method CaPT plugs into")
 parser.add_argument("--decapt", action="store_true", help="DeCaPT: KgCoOp + CaPT + DePT's CAT head")
-parser.add_argument("--scale", type=float, default=None, help="SCALE on the condition (CoOp 0.5, KgCoOp 1.0, DeCaPT 0.9)")
-parser.add_argument("--hidden", type=int, default=None, help="meta-net hidden width (32; DeCaPT 64)")
-parser.add_argument("--dropout", type=float, default=None, help="meta-net dropout (0.1; KgCoOp+CaPT 0.0)")
-parser.add_argument("--epsilon", type=float, default=None, help="margin-ITM smoothing (CoOp 0.0031, KgCoOp 0.001, DeCaPT 0.0008)")
-parser.add_argument("--kg-weight", type=float, default=1.5, help="KgCoOp consistency weight W (CaPT's configs: 1.5)")
-parser.add_argument("--cat-weight", type=float, default=0.7, help="DePT's lambda: weight of the CAT head (0.7)")
+parser.add_argument("--scale", type=evaluation.finite, default=None, help="SCALE on the condition (CoOp 0.5, KgCoOp 1.0, DeCaPT 0.9)")
+parser.add_argument("--hidden", type=evaluation.positive_int, default=None, help="meta-net hidden width (32; DeCaPT 64)")
+parser.add_argument("--dropout", type=evaluation.fraction, default=None, help="meta-net dropout (0.1; KgCoOp+CaPT 0.0)")
+parser.add_argument("--epsilon", type=evaluation.non_negative, default=None, help="margin-ITM smoothing (CoOp 0.0031, KgCoOp 0.001, DeCaPT 0.0008)")
+parser.add_argument("--kg-weight", type=evaluation.non_negative, default=1.5, help="KgCoOp consistency weight W (CaPT's configs: 1.5)")
+parser.add_argument("--cat-weight", type=evaluation.fraction, default=0.7, help="DePT's lambda: weight of the CAT head (0.7)")
 parser.add_argument("--fusion", default="logits", choices=["logits", "probs"],
                     help="DeCaPT's base-class fusion: logits (DePT's and CaPT's code) or probs (DePT's paper)")
-parser.add_argument("--cat-lr-mult", type=float, default=18.0, help="learning-rate multiplier of the CAT head (DeCaPT: 18)")
-parser.add_argument("--chunk", type=int, default=64, help="image condition: prompts per text-encoder call")
+parser.add_argument("--cat-lr-mult", type=evaluation.positive, default=18.0, help="learning-rate multiplier of the CAT head (DeCaPT: 18)")
+parser.add_argument("--chunk", type=evaluation.positive_int, default=64, help="image condition: prompts per text-encoder call")
 parser.add_argument("--ctx-init", default="a photo of a", help="words the context starts from")
-parser.add_argument("--n-ctx", type=int, default=4, help="context length when --ctx-init is ''")
-parser.add_argument("--warmup-lr", type=float, default=1e-5, help="constant learning rate of the warm-up epoch")
-parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Dassl default)")
-parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (Dassl default)")
+parser.add_argument("--n-ctx", type=evaluation.positive_int, default=4, help="context length when --ctx-init is ''")
+parser.add_argument("--warmup-lr", type=evaluation.non_negative, default=1e-5, help="constant learning rate of the warm-up epoch")
+parser.add_argument("--momentum", type=evaluation.fraction, default=0.9, help="SGD momentum (Dassl default)")
+parser.add_argument("--weight-decay", type=evaluation.non_negative, default=5e-4, help="SGD weight decay (Dassl default)")
 
 # The released configs (configs.py and configs/trainers/UCP*/*.yaml of Koorye/CaPT), per variant.
 PRESETS = {
@@ -299,7 +299,7 @@ def train(capt, model, split, args, *, device, autocast):
             loss.backward()
             optimizer.step()
             meter.add(loss, logits, labels)
-        print(f"epoch {epoch + 1}/{args.epochs}  {meter}  lr {optimizer.param_groups[0]['lr']:.2e}")
+        print(f"epoch {epoch + 1}/{args.epochs}  {meter.summary(epoch, optimizer.param_groups[0]['lr'])}")
         evaluation.snapshot(args.out, capt, optimizer, epoch)
 
 
@@ -350,13 +350,13 @@ def configure(args):
     if args.decapt:
         args.base = "kgcoop"
     evaluation.fill(args, PRESETS["decapt" if args.decapt else args.base])
-    args.method = "decapt" if args.decapt else f"{args.base}+{args.condition}"  # coop+text = CaPT
+    name = {"text": "capt", "none": "capt-none", "noise": "capt-noise", "image": "capt-image"}[args.condition]
+    args.method = "decapt" if args.decapt else name if args.base == "coop" else f"kgcoop+{name}"
 
 
 def run(args):
     """One run (one dataset, one seed): train prompt and meta-net (and CAT head), then score every test set."""
-    split = data.prepare(args.dataset, args.root, shots=args.shots, seed=args.seed, setting=args.setting,
-                         targets=args.targets, download=args.download)
+    split = data.prepare_for(args)
     model, device, autocast = evaluation.start_run(args, split)
     capt = CaPT(model, split.classnames, split.template, CaPTConfig.from_args(args), seed=args.seed).to(device)
     capt.set_classnames(model, split.classnames, autocast)

@@ -36,10 +36,10 @@ parser = evaluation.parser("CoOp: learned prompt context for CLIP", epochs=10, b
                            recipe="CaPT's CoOp re-run")
 # method
 parser.add_argument("--ctx-init", default="a photo of a", help="words the context starts from ('' = random init)")
-parser.add_argument("--n-ctx", type=int, default=4, help="context length when --ctx-init is '' (CoOp paper: 16)")
-parser.add_argument("--warmup-lr", type=float, default=1e-5, help="constant learning rate of the warm-up epoch")
-parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Dassl default)")
-parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (Dassl default)")
+parser.add_argument("--n-ctx", type=evaluation.positive_int, default=4, help="context length when --ctx-init is '' (CoOp paper: 16)")
+parser.add_argument("--warmup-lr", type=evaluation.non_negative, default=1e-5, help="constant learning rate of the warm-up epoch")
+parser.add_argument("--momentum", type=evaluation.fraction, default=0.9, help="SGD momentum (Dassl default)")
+parser.add_argument("--weight-decay", type=evaluation.non_negative, default=5e-4, help="SGD weight decay (Dassl default)")
 
 
 class PromptLearner(nn.Module):
@@ -108,7 +108,7 @@ def train(module, model, split, args, *, device, autocast):
             loss.backward()
             optimizer.step()
             meter.add(loss, logits, labels)
-        print(f"epoch {epoch + 1}/{args.epochs}  {meter}  lr {lr:.2e}")
+        print(f"epoch {epoch + 1}/{args.epochs}  {meter.summary(epoch, lr)}")
         evaluation.snapshot(args.out, module, optimizer, epoch)
 
 
@@ -129,8 +129,7 @@ def configure(args):
 
 def run(args):
     """One run (one dataset, one seed): train the context, then score every test set of the setting."""
-    split = data.prepare(args.dataset, args.root, shots=args.shots, seed=args.seed, setting=args.setting,
-                         targets=args.targets, download=args.download)
+    split = data.prepare_for(args)
     model, device, autocast = evaluation.start_run(args, split)
     prompt_learner = PromptLearner(model, split.classnames, ctx_init=args.ctx_init, n_ctx=args.n_ctx).to(device)
     evaluation.show_trainable(prompt_learner)

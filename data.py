@@ -9,6 +9,7 @@ base = first ceil(n/2) sorted labels, new = the rest -> relabel 0..k-1. Test set
 selected classes. Few-shot uses every class; cross-dataset trains on the source and tests each target with its
 own class names and template.
 """
+import argparse
 import hashlib
 import json
 import math
@@ -19,11 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from tqdm import tqdm
 
 from clip.clip import MEAN, STD  # CLIP's normalisation, one copy for the whole project
+
+ROOT = Path(__file__).resolve().parent / "data"  # the default --root: the built-in world is cached in ROOT/world
+
+
+class InputError(ValueError):
+    """Bad input from the user (a flag, a folder, a file): the scripts print its message as one `error:` line."""
 
 
 class Item(NamedTuple):
@@ -56,20 +65,31 @@ class Split:
     crop_scale: tuple = (0.08, 1.0)  # RandomResizedCrop's scale for the training images
 
 
+def shots(text):
+    """--shots: a positive number of images per class, or 'all' (the whole train split)."""
+    if text == "all":
+        return "all"
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of images per class or 'all', got {text!r}")
+    return int(text)
+
+
 def add_arguments(parser):
     """The data and protocol flags every method script shares."""
     group = parser.add_argument_group("data and protocol (shared by every method)")
     group.add_argument("--dataset", nargs="+", default=None,
                        help="dataset name(s) (see data.DATASETS) or 'folder'; default world (imagenet for crossdataset)")
-    group.add_argument("--root", default="data", help="folder holding the datasets in their published layouts")
-    group.add_argument("--shots", type=int, default=16, help="training images per class (papers: 16)")
+    group.add_argument("--root", default=str(ROOT),
+                       help="folder holding the datasets in their published layouts (default: data/ beside the code, "
+                            "where the built-in world is cached)")
+    group.add_argument("--shots", type=shots, default=16,
+                       help="training images per class (papers: 16), or 'all' for the whole train split")
     group.add_argument("--setting", default="base2new", choices=["base2new", "fewshot", "crossdataset"],
                        help="base2new: train on base classes, test base and new; fewshot: all classes; "
                             "crossdataset: train on the source, test on --targets")
     group.add_argument("--targets", nargs="+", default=CROSS_TARGETS,
                        help="crossdataset: datasets tested with their own class names and templates")
     group.add_argument("--download", action="store_true", help="fetch the dataset with torchvision if it is missing")
-    group.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(4, cores))")
 
 
 # name -> folder under --root, image folder inside it, split file, hand-crafted template (CoOp's CUSTOM_TEMPLATES)
@@ -118,7 +138,7 @@ def classname(name):
 def _need(path, name):
     if not Path(path).exists():
         layout = DATASETS[name]
-        raise FileNotFoundError(
+        raise InputError(
             f"{path} not found. Dataset '{name}' is expected at <root>/{layout['dir']}/ in its published layout "
             f"(images under {layout['images'] or '.'}/" + (f", split file {layout['split']}" if layout["split"] else "")
             + "); see the README's dataset section, or pass --download where torchvision can fetch it.")
@@ -140,11 +160,13 @@ def _read_folders(image_dir, classnames_file=None):
         for line in _need(classnames_file, "imagenet").read_text().splitlines():
             wnid, _, name = line.strip().partition(" ")
             names[wnid] = name
-    items = []
-    for label, folder in enumerate(folders):
-        for f in sorted(f for f in (image_dir / folder).iterdir() if not f.name.startswith(".")):  # no .DS_Store
-            items.append(Item(str(f), label, names.get(folder, classname(folder))))
-    return items
+    files = {folder: sorted(f for f in (image_dir / folder).iterdir() if not f.name.startswith("."))  # no .DS_Store
+             for folder in folders}
+    empty = [folder for folder in folders if not files[folder]]
+    if empty:
+        raise InputError(f"{image_dir}: class folders without images: {empty}; add their images or remove the folders")
+    return [Item(str(f), label, names.get(folder, classname(folder))) for label, folder in enumerate(folders)
+            for f in files[folder]]
 
 
 def _read_cub_style(name, base, image_dir):
@@ -188,7 +210,7 @@ class Dataset:
 def load_dataset(name, root, download=False):
     """A Dataset with .train/.val/.test lists of Items, .classnames (index = label) and .template."""
     if name not in DATASETS and name != "folder":
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)} or 'folder' (with --root)")
+        raise InputError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)} or 'folder' (with --root)")
     root = Path(root).expanduser()
     if name == "folder":
         return _folder_dataset(root)
@@ -242,7 +264,7 @@ def _classnames(items):
 def _folder_dataset(root):
     """Bring your own data: root/<class name>/*.jpg, optionally under root/train/ and root/test/."""
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} not found; --dataset folder expects --root DIR with DIR/<class name>/*.jpg "
+        raise InputError(f"{root} not found; --dataset folder expects --root DIR with DIR/<class name>/*.jpg "
                                 f"(optionally DIR/train/<class>/ and DIR/test/<class>/)")
     if (root / "train").is_dir() and (root / "test").is_dir():
         train, test = _read_folders(root / "train"), _read_folders(root / "test")
@@ -290,7 +312,7 @@ def _download(name, root):
     """Fetch a dataset with torchvision and write a split file in CoOp's format that the normal reader then reads."""
     import torchvision.datasets as tvd
     if name not in TORCHVISION:
-        raise ValueError(f"--download supports {sorted(TORCHVISION)}; get {name!r} as CoOp's DATASETS.md describes")
+        raise InputError(f"--download supports {sorted(TORCHVISION)}; get {name!r} as CoOp's DATASETS.md describes")
     layout, (cls, splits) = DATASETS[name], TORCHVISION[name]
     base = root / layout["dir"]
     target = base / (layout["split"] or f"split_nanoprompt_{name}.json")
@@ -337,7 +359,7 @@ def fewshot(items, shots, seed):
     for label in sorted(by_label):
         pool = by_label[label]
         if shots > len(pool):
-            raise ValueError(f"class {pool[0][2]!r} has {len(pool)} training images, fewer than --shots {shots}; "
+            raise InputError(f"class {pool[0][2]!r} has {len(pool)} training images, fewer than --shots {shots}; "
                              f"use fewer shots")
         out.extend(rng.sample(pool, shots))
     return out
@@ -372,14 +394,14 @@ def imagenet_labels(name, root):
     index = {w: i for i, w in enumerate(wnids)}
     unknown = [f for f in folders if f not in index]
     if unknown:
-        raise ValueError(f"{name}: folders {unknown[:5]} are not WordNet ids of {base / 'classnames.txt'}")
+        raise InputError(f"{name}: folders {unknown[:5]} are not WordNet ids of {base / 'classnames.txt'}")
     return [index[f] for f in folders]
 
 
 def vtab1k(items, seed):
     """VTAB-1k style split of a training list: (800 train, 200 val), drawn with a fixed seed."""
     if len(items) < 1000:
-        raise ValueError(f"VTAB-1k needs at least 1000 training images, got {len(items)}")
+        raise InputError(f"VTAB-1k needs at least 1000 training images, got {len(items)}")
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
     return [items[i] for i in order[:800]], [items[i] for i in order[800:1000]]
 
@@ -389,13 +411,14 @@ def prepare(name, root, *, shots, seed, setting="base2new", targets=(), download
 
     base2new: train on the base half, tests "base" and "new"; fewshot: train and test "all" classes;
     crossdataset: train and test "all" classes of the source, then one test set per target (its own class names
-    and template; ImageNet's variants carry the ImageNet labels of their classes). shots 0 = the whole train split.
+    and template; ImageNet's variants carry the ImageNet labels of their classes). shots "all": the whole train split.
+    Every image of the run is checked before anything is trained (see check_images).
     """
     ds = load_dataset(name, root, download)
-    train = fewshot(ds.train, shots, seed) if shots > 0 else ds.train
+    train = ds.train if shots == "all" else fewshot(ds.train, shots, seed)
     labels = {it.label for it in ds.train}
     if setting not in ("base2new", "fewshot", "crossdataset"):
-        raise ValueError(f"unknown setting {setting!r}; use base2new, fewshot or crossdataset")
+        raise InputError(f"unknown setting {setting!r}; use base2new, fewshot or crossdataset")
     parts = ("base", "new") if setting == "base2new" else ("all",)
     train_items, classnames = split_base_new(train, parts[0], labels)
     tests = {}
@@ -406,8 +429,45 @@ def prepare(name, root, *, shots, seed, setting="base2new", targets=(), download
         target_ds = load_dataset(target, root, download)
         rows = imagenet_labels(target, root) if name == "imagenet" and target in IMAGENET_VARIANTS else None
         tests[target] = TestSet(target, target, "test", target_ds.test, target_ds.classnames, target_ds.template, rows)
+    check_images(train_items + [it for t in tests.values() for it in t.items], Path(root).expanduser() / ".cache" / "checked")
     return Split(name, train_items, classnames, ds.template, tests,
                  crop_scale=DATASETS.get(name, {}).get("crop_scale", (0.08, 1.0)))
+
+
+def prepare_for(args):
+    """The Split of one run from its flags: `prepare` with --dataset, --root, --shots, --seed, --setting, --targets."""
+    return prepare(args.dataset, args.root, shots=args.shots, seed=args.seed, setting=args.setting,
+                   targets=args.targets, download=args.download)
+
+
+def check_images(items, cache_dir=None):
+    """Open the header of every image once and report every file that is missing, not an image, or too large to
+    decode (PIL's decompression-bomb limit) in one InputError, before anything is trained. A list that passed is
+    remembered in cache_dir (keyed by every path, size and modification time), so a rerun pays nothing."""
+    paths = sorted({it[0] for it in items})
+    stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) if os.path.exists(p) else (p, None, None) for p in paths]
+    marker = Path(cache_dir or ".") / (hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:32] + ".ok")
+    if cache_dir and marker.exists():
+        return
+    bad = []
+    for path in tqdm(paths, desc="checking images", leave=False, disable=len(paths) < 2000):
+        try:
+            with Image.open(path) as image:  # reads the header; PIL refuses decompression bombs here
+                image.size
+        except FileNotFoundError:
+            bad.append(f"{path} (missing)")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            bad.append(f"{path} ({type(e).__name__}: {e})")
+    if bad:
+        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise InputError(f"{len(bad)} of the run's {len(paths)} images cannot be read:\n  {shown}\n"
+                         f"replace or delete these files (and their entries in the split file), then run again")
+    if cache_dir:
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError as e:  # a read-only dataset folder: the check simply runs again next time
+            print(f"note: could not remember the image check in {marker.parent} ({e})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -426,8 +486,12 @@ def transform(resolution, train, crop_scale=(0.08, 1.0)):
 
 
 class ImageList(torch.utils.data.Dataset):
-    def __init__(self, items, transform):
-        self.items, self.transform = items, transform
+    """(image tensor, label) of a list of Items. With a seed, image i's random transform draws from seed and i alone,
+    so the training images are the same whatever the number of loader workers (a worker's own RNG stream would
+    make them depend on --workers, hence on the machine's core count)."""
+
+    def __init__(self, items, transform, seed=None):
+        self.items, self.transform, self.seed = items, transform, seed
 
     def __len__(self):
         return len(self.items)
@@ -435,12 +499,25 @@ class ImageList(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path, label, _ = self.items[i]
         try:
-            image = Image.open(path).convert("RGB")
+            image = to_rgb(Image.open(path))
         except FileNotFoundError:
-            raise FileNotFoundError(f"image {path} is missing; check the dataset folder against its split file")
-        except OSError as e:
-            raise OSError(f"image {path} cannot be decoded ({e}); re-download or delete it from the split") from e
-        return self.transform(image), label
+            raise InputError(f"image {path} is missing; check the dataset folder against its split file") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise InputError(f"image {path} cannot be decoded ({e}); re-download or delete it from the split") from e
+        if self.seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + i) % 2**63)
+            return self.transform(image), label
+
+
+def to_rgb(image):
+    """8-bit RGB. 16- and 32-bit integer greyscale (16-bit PNGs) is scaled to 8 bits: PIL's convert("RGB") would clip
+    every value above 255 to white."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        scaled = (np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8)  # 65535 -> 255
+        image = Image.fromarray(scaled)
+    return image.convert("RGB")
 
 
 def workers(num_workers=None):
@@ -448,13 +525,14 @@ def workers(num_workers=None):
     return min(4, os.cpu_count() or 1) if num_workers is None else num_workers
 
 
-def loader(items, transform, batch_size, train, num_workers=None, seed=0, batch_sampler=None):
-    """DataLoader of (images, labels). Training never drops its only batch: a batch size larger than the few-shot
-    set still trains (Dassl's drop_last once silently skipped EuroSAT 1-shot training)."""
-    dataset = ImageList(items, transform)
+def loader(items, transform, batch_size, train, num_workers=None, seed=None, batch_sampler=None):
+    """DataLoader of (images, labels). seed: the shuffle order and each image's random transform (see ImageList);
+    set it anew each epoch through loader.generator and loader.dataset.seed. Training never drops its only batch: a
+    batch size larger than the few-shot set still trains (Dassl's drop_last once silently skipped EuroSAT 1-shot)."""
+    dataset = ImageList(items, transform, seed)
     if batch_sampler is not None:
         return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers(num_workers))
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed or 0)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train,
                                        drop_last=train and len(items) > batch_size, generator=g if train else None,
                                        num_workers=workers(num_workers), persistent_workers=False)
@@ -464,8 +542,8 @@ def training_batches(model, items, transform, batch_size, *, seed, device, autoc
                      num_workers=None):
     """epoch -> iterator over (raw image features (B, E), labels (B,)) of the few-shot training set, for text-side methods.
 
-    Every epoch draws its order and augmentations from a seed of its own (seed, epoch): an interrupted run resumed at
-    epoch e replays exactly what an uninterrupted one does.
+    Every epoch draws its order and augmentations from a seed of its own (seed, epoch), the same for any number of
+    workers: an interrupted run resumed at epoch e replays exactly what an uninterrupted one does.
 
     views = 0: online, the papers' way: every step augments and encodes its images.
     views = K (--cache-views K): K augmented views of every image are encoded once (and stored); each epoch visits
@@ -478,8 +556,9 @@ def training_batches(model, items, transform, batch_size, *, seed, device, autoc
         images = loader(items, transform, batch_size, train=True, num_workers=num_workers, seed=seed)
 
         def online(epoch):
-            torch.manual_seed(seed * 1000 + epoch)  # the augmentations (and workers' seeds) of this epoch
+            torch.manual_seed(seed * 1000 + epoch)  # any other randomness of this epoch (dropout)
             images.generator.manual_seed(seed * 1000 + epoch)  # its order
+            images.dataset.seed = seed * 1000 + epoch  # its augmentations
             for x, labels in images:
                 with torch.no_grad(), autocast():
                     f = model.encode_image(x.to(device)).float()  # (B, E)
@@ -487,12 +566,10 @@ def training_batches(model, items, transform, batch_size, *, seed, device, autoc
         return online
     fingerprint = evaluation.model_fingerprint(model) if store else None
     cached = []
-    for v in range(views):  # view v of every image: the train transform under its own seed, without touching ours
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1000 + 999 - v)
-            cached.append(evaluation.stored_image_features(
-                model, items, transform, dataset=dataset, part=f"train view {v}/{views} seed {seed}", store=store,
-                device=device, autocast=autocast, fingerprint=fingerprint)[0])
+    for v in range(views):  # view v of every image: the train transform under a seed of its own
+        cached.append(evaluation.stored_image_features(
+            model, items, transform, dataset=dataset, part=f"train view {v}/{views} seed {seed}", store=store,
+            device=device, autocast=autocast, fingerprint=fingerprint, seed=seed * 1000 + 999 - v)[0])
     feats = torch.stack(cached).to(device)  # (views, N, E)
     labels = torch.tensor([it.label for it in items], device=device)  # (N,)
     N = len(items)
@@ -509,9 +586,10 @@ def training_batches(model, items, transform, batch_size, *, seed, device, autoc
     return from_views
 
 
-def default_backbone(dataset, root):
-    """The backbone a script uses when --backbone is 'auto': the world's tiny CLIP for the world, else ViT-B/16."""
+def default_backbone(dataset):
+    """The backbone a script uses when --backbone is 'auto': the world's shipped tiny CLIP for the world, else
+    OpenAI's ViT-B/16 (the papers' backbone)."""
     if dataset == "world":
         import world
-        return str(world.prepare_clip(root))
+        return str(world.shipped_clip())
     return "ViT-B/16"

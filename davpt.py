@@ -54,26 +54,26 @@ parser = evaluation.parser("DA-VPT: distribution-aware visual prompt tuning on C
 parser.add_argument("--head", default="linear", choices=["linear", "text"],
                     help="linear probe (paper) or CLIP's frozen zero-shot text head (base-to-new)")
 parser.add_argument("--guided-layers", default="-1", help="comma-separated guided block indices (paper: last)")
-parser.add_argument("--num-guided", type=int, default=10, help="M_g prompts per guided layer (code default 10)")
-parser.add_argument("--num-other", type=int, default=20, help="M_o prompts per other layer (code default 20)")
-parser.add_argument("--init-divide", type=float, default=8.0,
+parser.add_argument("--num-guided", type=evaluation.natural, default=10, help="M_g prompts per guided layer (code default 10)")
+parser.add_argument("--num-other", type=evaluation.natural, default=20, help="M_o prompts per other layer (code default 20)")
+parser.add_argument("--init-divide", type=evaluation.positive, default=8.0,
                     help="divide the xavier init by this (most ViT-B configs: 8; 1 = plain xavier)")
 parser.add_argument("--prompt-mask", action="store_true", help="prompts attend only to patches (several FGVC configs)")
-parser.add_argument("--beta", type=float, default=0.01, help="weight of the tokens<->prompts loss (VTAB configs 0.01)")
-parser.add_argument("--lam", type=float, default=0.01, help="weight of the [CLS] query<->prompts loss (VTAB: 0.01)")
-parser.add_argument("--alpha", type=float, default=32.0, help="Proxy-Anchor scale (code: 32)")
-parser.add_argument("--delta", type=float, default=0.1, help="Proxy-Anchor margin (code: 0.1)")
-parser.add_argument("--sigma", type=float, default=5.0, help="similarity scale, s = sigma*cos (code: 5)")
+parser.add_argument("--beta", type=evaluation.non_negative, default=0.01, help="weight of the tokens<->prompts loss (VTAB configs 0.01)")
+parser.add_argument("--lam", type=evaluation.non_negative, default=0.01, help="weight of the [CLS] query<->prompts loss (VTAB: 0.01)")
+parser.add_argument("--alpha", type=evaluation.positive, default=32.0, help="Proxy-Anchor scale (code: 32)")
+parser.add_argument("--delta", type=evaluation.finite, default=0.1, help="Proxy-Anchor margin (code: 0.1)")
+parser.add_argument("--sigma", type=evaluation.non_negative, default=5.0, help="similarity scale, s = sigma*cos (code: 5)")
 parser.add_argument("--token-feature", default="attn-out", choices=["attn-out", "mean-patch"],
                     help="attn-out = attention output at the assigned prompt (paper); mean-patch = released code")
-parser.add_argument("--dynamic-kmeans", type=int, default=1, help="re-run k-means at every epoch end from this epoch on")
-parser.add_argument("--kmeans-images", type=int, default=10, help="images per class for the initial mapping (code: 10)")
+parser.add_argument("--dynamic-kmeans", type=evaluation.natural, default=1, help="re-run k-means at every epoch end from this epoch on")
+parser.add_argument("--kmeans-images", type=evaluation.positive_int, default=10, help="images per class for the initial mapping (code: 10)")
 parser.add_argument("--tune-bias", default="none", choices=["none", "kv", "all"], help="none = DA-VPT, kv = DA-VPT+")
-parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on prompts (FGVC configs 0.05)")
-parser.add_argument("--wd-head", type=float, default=3.0, help="weight decay of the linear head weight (configs 3-5)")
-parser.add_argument("--warmup-epochs", type=int, default=10, help="linear warm-up epochs (code: 10)")
+parser.add_argument("--weight-decay", type=evaluation.non_negative, default=0.05, help="AdamW weight decay on prompts (FGVC configs 0.05)")
+parser.add_argument("--wd-head", type=evaluation.non_negative, default=3.0, help="weight decay of the linear head weight (configs 3-5)")
+parser.add_argument("--warmup-epochs", type=evaluation.natural, default=10, help="linear warm-up epochs (code: 10)")
 parser.add_argument("--vtab1k", action="store_true", help="VTAB-1k style: 800 train / 200 val images")
-parser.add_argument("--clip-grad", type=float, default=10.0, help="gradient value clipping (code: 10)")
+parser.add_argument("--clip-grad", type=evaluation.positive, default=10.0, help="gradient value clipping (code: 10)")
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -276,8 +276,8 @@ def train(model, split, args, *, device, autocast):
             sub.append(i)
             seen[c] = seen.get(c, 0) + 1
     with autocast():
-        means = class_means(model.clip.encode_image, data.loader([split.train[i] for i in sub], transform,
-                                                                 args.batch_size, train=False, num_workers=0), C, device)
+        images = data.loader([split.train[i] for i in sub], transform, args.batch_size, train=False, seed=args.seed)
+        means = class_means(model.clip.encode_image, images, C, device)
     mapping, cent = initial_mapping(means, model.M_g, args.seed)
     mapping = mapping.to(device)
     decay = [model.proxy_prompts, model.other_prompts] + ([model.head.weight] if args.head == "linear" else [])
@@ -300,24 +300,27 @@ def train(model, split, args, *, device, autocast):
         sums = torch.zeros(C, model.clip.visual.proj.shape[1], device=device)
         counts = torch.zeros(C, device=device)
         batches = data.loader(split.train, transform, args.batch_size, train=True, num_workers=args.workers,
-                              batch_sampler=balanced_batches(labels, args.batch_size, g))
+                              seed=args.seed * 1000 + epoch, batch_sampler=balanced_batches(labels, args.batch_size, g))
+        meter = evaluation.Meter()
         for images, y in tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
             images, y = images.to(device), y.to(device)
+            lr = lr_at(step, total, warmup, args.lr)
             for grp in opt.param_groups:
-                grp["lr"] = lr_at(step, total, warmup, args.lr)
+                grp["lr"] = lr
             with autocast():
                 feats, ml = model(images, mapping[y])
-            ce = F.cross_entropy(model.logits(feats), y)
-            loss = ce + sum(args.beta * t + args.lam * c for t, c in ml) / len(ml)
+            logits = model.logits(feats)  # (B, C)
+            loss = F.cross_entropy(logits, y) + sum(args.beta * t + args.lam * c for t, c in ml) / len(ml)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_value_([p for p in model.parameters() if p.requires_grad], args.clip_grad)
             opt.step()
             step += 1
+            meter.add(loss, logits, y)
             if epoch >= args.dynamic_kmeans:
                 sums.index_add_(0, y, feats.detach().float())
                 counts.index_add_(0, y, torch.ones_like(y, dtype=torch.float))
-        print(f"epoch {epoch + 1}/{args.epochs} loss {loss.item():.4f} ce {ce.item():.4f}")
+        print(f"epoch {epoch + 1}/{args.epochs}  {meter.summary(epoch, lr)}")
         if epoch >= args.dynamic_kmeans and cent is not None:  # re-run from the previous centroids
             new, new_cent = cosine_kmeans(sums.cpu() / counts.cpu().clamp(min=1)[:, None], model.M_g, init=cent)
             new = torch.where(counts.cpu() > 0, new, mapping.cpu())  # classes not drawn this epoch keep their prompt
@@ -344,12 +347,14 @@ def evaluate(model, test, args, *, device, autocast):
 
 
 def configure(args):
-    args.method = "davpt"
+    """The run's name: DA-VPT, DA-VPT+ (--tune-bias), and -texthead for CLIP's text head instead of the paper's."""
+    args.method = {"none": "davpt", "kv": "davpt+", "all": "davpt+all"}[args.tune_bias] + \
+        ("-texthead" if args.head == "text" else "")
 
 
 def run(args):
     """One run (one dataset, one seed): train the prompts (and head), then score every test set the head can score."""
-    split = data.prepare(args.dataset, args.root, shots=0 if args.vtab1k else args.shots, seed=args.seed,
+    split = data.prepare(args.dataset, args.root, shots="all" if args.vtab1k else args.shots, seed=args.seed,
                          setting=args.setting, targets=args.targets, download=args.download)
     if args.vtab1k:  # train on 800 images of the full train split, report the 200 held out as "val"
         split.train, val_items = data.vtab1k(split.train, args.seed)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -30,6 +31,46 @@ import data
 # ---------------------------------------------------------------------------------------------------------------
 # Shared flags and the multi-run main.
 
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    return _checked(int, text, lambda v: v >= 1, "an integer >= 1")
+
+
+def natural(text):
+    """argparse type: an integer >= 0."""
+    return _checked(int, text, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive(text):
+    """argparse type: a finite number > 0."""
+    return _checked(float, text, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+
+
+def non_negative(text):
+    """argparse type: a finite number >= 0."""
+    return _checked(float, text, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+
+
+def finite(text):
+    """argparse type: a finite number."""
+    return _checked(float, text, math.isfinite, "a finite number")
+
+
+def fraction(text):
+    """argparse type: a number in [0, 1)."""
+    return _checked(float, text, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def _checked(kind, text, ok, expected):
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
 def parser(description, *, epochs, batch_size, lr, recipe, frozen_image_encoder=True):
     """An argparse parser with every shared flag; the method script adds its own flags after it.
 
@@ -44,22 +85,23 @@ def parser(description, *, epochs, batch_size, lr, recipe, frozen_image_encoder=
                        help="seed(s) of the few-shot sample and the training (papers: 1 2 3); one run per dataset and seed")
     group.add_argument("--backbone", default="auto",
                        help="OpenAI model name (ViT-B/16 ...) or checkpoint path; auto = the world's CLIP on world, else ViT-B/16")
-    group.add_argument("--epochs", type=int, default=None, help=f"training epochs ({recipe}: {epochs})")
-    group.add_argument("--batch-size", type=int, default=None, help=f"training batch size ({recipe}: {batch_size})")
-    group.add_argument("--lr", type=float, default=None, help=f"learning rate ({recipe}: {lr})")
+    group.add_argument("--epochs", type=natural, default=None, help=f"training epochs ({recipe}: {epochs})")
+    group.add_argument("--batch-size", type=positive_int, default=None, help=f"training batch size ({recipe}: {batch_size})")
+    group.add_argument("--lr", type=positive, default=None, help=f"learning rate ({recipe}: {lr})")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ...; auto = cuda if available")
+    group.add_argument("--workers", type=natural, default=None, help="data-loading processes (default: min(4, cores))")
     group.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                        help="autocast dtype of the frozen encoders on CUDA (auto = bf16 on CUDA, fp32 on CPU)")
     group.add_argument("--out", default=None,
-                       help="run folder of a single run; for several, their parent "
-                            "(default runs/<method>/<setting>/<dataset>/shots<k>_seed<s>)")
+                       help="run folder of a single run; for several, their parent (default runs/<method>/<setting>/"
+                            "<dataset>/shots<k>_seed<s>[_what differs from the defaults])")
     group.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint saved in --out, no training")
     group.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished epoch")
     group.add_argument("--force", action="store_true", help="redo runs that already have results.json")
     if frozen_image_encoder:
         group.add_argument("--store", default="auto",
                            help="feature store for frozen image features (auto = <root>/.cache/features; none = off)")
-        group.add_argument("--cache-views", type=int, default=0,
+        group.add_argument("--cache-views", type=natural, default=0,
                            help="K > 0: encode K augmented views of each training image once and train on features")
     p.set_defaults(recipe={"epochs": epochs, "batch_size": batch_size, "lr": lr})
     return p
@@ -73,58 +115,151 @@ def fill(args, preset):
     return args
 
 
+# Flags that cannot change a run's numbers: they never name a run folder nor stop the reuse of a finished run.
+NEUTRAL = {"device", "workers", "store", "out", "force", "resume", "eval_only", "download", "cache_dir", "chunk",
+           "variant"}  # (variant is derived from the others)
+IN_PATH = {"method", "setting", "dataset", "shots", "seed"}  # runs/<method>/<setting>/<dataset>/shots<k>_seed<s>
+# --root is left out of folder names (every real run sets it); a finished run under another --root is still not reused.
+UNNAMED = NEUTRAL | IN_PATH | {"root"}
+
+
+def resolve(parser, configure, args, dataset, seed):
+    """One run's flags: the method's presets (configure), then the recipe, then the backbone 'auto' resolved."""
+    one = argparse.Namespace(**vars(args) | {"dataset": dataset, "seed": seed})
+    try:
+        configure(one)
+    except ValueError as e:
+        parser.error(str(e))
+    fill(one, one.recipe)
+    del one.recipe
+    if one.backbone == "auto":
+        one.backbone = data.default_backbone(dataset)
+    return one
+
+
+def variant(parser, configure, args, one):
+    """What a run changes from its method's defaults, e.g. "lr0.01_n-ctx16" ("" for none).
+
+    A flag counts when the user gave it and its value differs from what the same command without it resolves to;
+    flags that name the method (capt's --condition, davpt's --head) are in <method> already, presets are no change.
+    """
+    defaults = parser.parse_args([])
+    given = [k for k, v in vars(args).items() if k not in UNNAMED and v != getattr(defaults, k, v)]
+    reset = lambda keys: argparse.Namespace(**vars(args) | {k: getattr(defaults, k) for k in keys})  # noqa: E731
+    tuning = [k for k in given if resolve(parser, configure, reset([k]), one.dataset, one.seed).method == one.method]
+    reference = resolve(parser, configure, reset(tuning), one.dataset, one.seed)
+    changed = [k for k in sorted(tuning) if getattr(one, k) != getattr(reference, k)]
+    return "_".join(k.replace("_", "-") + _short(getattr(one, k)) for k in changed)
+
+
+def _short(value):
+    """A flag value as part of a folder name: lists joined by '+', a file by its name (and a hash of its path)."""
+    if isinstance(value, str) and Path(value).expanduser().is_file():
+        value = f"{Path(value).name}-{hashlib.sha256(value.encode()).hexdigest()[:6]}"
+    text = "+".join(map(str, value)) if isinstance(value, list) else str(value)
+    text = re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-")
+    return text if len(text) <= 40 else f"{text[:24]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
 def plan(parser, configure, argv=None):
-    """(the parsed flags, one resolved Namespace per (dataset, seed) run) of a command line.
+    """(the parsed flags, one resolved Namespace per (dataset, seed) run) of a command line, each with its folder.
 
     configure(args) sets args.method and fills the flags the user left unset from the method's presets (it raises
     ValueError for a combination that makes no sense); what is still unset then takes the parser's recipe.
     """
     args = parser.parse_args(argv)
     datasets = args.dataset or (["imagenet"] if args.setting == "crossdataset" else ["world"])
-    jobs = []
-    for dataset, seed in [(d, s) for d in datasets for s in args.seed]:
-        one = argparse.Namespace(**vars(args) | {"dataset": dataset, "seed": seed})
-        try:
-            configure(one)
-        except ValueError as e:
-            parser.error(str(e))
-        fill(one, one.recipe)
-        del one.recipe
-        jobs.append(one)
+    unknown = [d for d in datasets + (args.targets if args.setting == "crossdataset" else [])
+               if d not in data.DATASETS and d != "folder"]
+    if unknown:
+        parser.error(f"unknown dataset(s) {unknown}; choose from {sorted(data.DATASETS)} or 'folder'")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device here; use --device cpu (or auto)")
+    if args.backbone != "auto" and args.backbone not in clip.available_models() and \
+            not Path(args.backbone).expanduser().is_file():
+        parser.error(f"--backbone {args.backbone!r} is neither a file nor one of {clip.available_models()}")
+    jobs = [resolve(parser, configure, args, d, s) for d in datasets for s in args.seed]
     for one in jobs:
+        one.variant = variant(parser, configure, args, one)
+        name = f"shots{one.shots}_seed{one.seed}" + (f"_{one.variant}" if one.variant else "")
         one.out = args.out if args.out and len(jobs) == 1 else str(
-            Path(args.out or f"runs/{one.method}") / f"{one.setting}/{one.dataset}/shots{one.shots}_seed{one.seed}")
+            Path(args.out or f"runs/{one.method}") / one.setting / one.dataset / name)
     return args, jobs
 
 
 def main(parser, configure, run, argv=None):
-    """Every (dataset, seed) asked for, one after the other, each in its own folder; finished runs are skipped;
-    the setting's table at the end. run(args) trains and evaluates one run and returns its results."""
+    """Every (dataset, seed) asked for, one after the other, each in its own folder; finished runs with the same
+    arguments are reused; the setting's table at the end. run(args) trains and scores one run, returns its results.
+    Bad input (data.InputError) ends the command with one `error:` line and exit status 2."""
     args, jobs = plan(parser, configure, argv)
     results = []
-    for one in jobs:
-        done = Path(one.out) / "results.json"
-        if done.exists() and not (one.force or one.eval_only or one.resume):
-            print(f"{one.out} is finished (results.json); skipping it (--force redoes it)")
-            results.append(json.loads(done.read_text()))
-            continue
-        results.append(run_one(run, one))
+    try:
+        for one in jobs:
+            finished = reusable(one)
+            results.append(finished if finished is not None else run_one(run, one))
+    except data.InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     runs_dir = Path(args.out) if args.out else Path("runs") / jobs[0].method / args.setting
     if len(jobs) > 1 and collect(runs_dir, args.setting):
         print(f"\n{TABLES[args.setting](runs_dir)}")
     return results[0] if len(jobs) == 1 else results
 
 
+def differences(recorded, args):
+    """{flag: (recorded, now)} for the flags that can change a run's numbers."""
+    now = vars(args)
+    return {k: (recorded[k], now[k]) for k in sorted(set(recorded) & set(now) - NEUTRAL) if recorded[k] != now[k]}
+
+
+def reusable(args):
+    """The results of a finished run with the same arguments in args.out, or None if it must run. A finished run or
+    a snapshot (--resume) with other arguments in that folder is an error, never silently reused or overwritten."""
+    folder = Path(args.out)
+    recorded = read_json(folder / "args.json") if (folder / "args.json").exists() else None
+    if args.resume and (folder / "train_state.pt").exists() and recorded is not None:
+        if differences(recorded, args):
+            raise data.InputError(f"--resume: the snapshot in {folder} was trained with other arguments "
+                                  f"({_listed(differences(recorded, args))}); rerun with its arguments, or --force")
+    if args.force or args.eval_only or args.resume or not (folder / "results.json").exists():
+        return None
+    done = read_json(folder / "results.json")
+    if recorded is not None and differences(recorded, args):
+        raise data.InputError(f"{folder} holds a finished run with other arguments "
+                              f"({_listed(differences(recorded, args))}); --force redoes it there, or choose --out")
+    print(f"{folder} is finished with these arguments (results.json); reusing it (--force redoes it)")
+    return done
+
+
+def _listed(diffs):
+    return ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in diffs.items())
+
+
+def read_json(path):
+    """A JSON file written by this project; a corrupt one is an InputError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise data.InputError(f"{path} is not valid JSON ({e}); delete it (or rerun with --force)") from None
+
+
+def show(args):
+    """The arguments that matter, in a few lines (args.json keeps them all)."""
+    device, _ = device_and_autocast(args.device, args.precision)
+    shots = "all images" if args.shots == "all" else f"{args.shots} shots"
+    print(f"{args.method} | {args.dataset} {args.setting}, {shots}, seed {args.seed} | backbone {args.backbone}\n"
+          f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr} | {device}, precision {args.precision}"
+          + (f" | changed: {args.variant}" if args.variant else "") + f"\n-> {args.out}")
+
+
 def run_one(run, args):
-    """One run: resolve the backbone, record the arguments, run, save results.json and print its summary line."""
+    """One run: record the arguments, run, save results.json and print its summary line."""
     start = time.time()
-    if args.backbone == "auto":
-        args.backbone = data.default_backbone(args.dataset, args.root)
-    print(json.dumps(vars(args), indent=2))
+    show(args)
     if not args.eval_only:
         save_json(Path(args.out) / "args.json", vars(args))
-    results = {"method": args.method, "setting": args.setting, "dataset": args.dataset, "seed": args.seed,
-               "shots": args.shots, "backbone": args.backbone} | run(args)
+    results = {"method": args.method, "variant": args.variant, "setting": args.setting, "dataset": args.dataset,
+               "seed": args.seed, "shots": args.shots, "backbone": args.backbone} | run(args)
     results["wall_time"] = time.time() - start
     save_json(Path(args.out) / "results.json", results)
     summary = {"base": results.get("base_acc"), "new": results.get("new_acc"), "H": results.get("H")} \
@@ -163,7 +298,10 @@ def start_run(args, split):
         save_json(Path(args.out) / "train_files.json", [it.path for it in split.train])
     torch.manual_seed(args.seed)
     device, autocast = device_and_autocast(args.device, args.precision)
-    model, _ = clip.load(args.backbone, device=device)
+    try:
+        model, _ = clip.load(args.backbone, device=device)
+    except (RuntimeError, KeyError, ValueError) as e:  # clip.load's own messages: no network, bad file, not a ViT
+        raise data.InputError(f"--backbone {args.backbone}: {e}") from e
     model.requires_grad_(False)  # CLIP stays frozen; a method unfreezes what it trains
     return model, device, autocast
 
@@ -185,7 +323,7 @@ def load_trainable(module, state, source="the checkpoint"):
     """Load what trainable_state saved; a mismatch (other flags, another method) is an error naming the keys."""
     expected, got = set(trainable_state(module)), set(state)
     if expected != got:
-        raise ValueError(f"{source} does not match this model (missing {sorted(expected - got)}, unexpected "
+        raise data.InputError(f"{source} does not match this model (missing {sorted(expected - got)}, unexpected "
                          f"{sorted(got - expected)}); run with the flags it was trained with")
     module.load_state_dict(state, strict=False)
 
@@ -199,9 +337,21 @@ def save_checkpoint(out, module, split, **extra):
 def load_checkpoint(out, module):
     """Load the checkpoint of the run folder `out` into module; returns the checkpoint (class names, extra)."""
     path = Path(out) / "checkpoint.pt"
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_torch(path, "train the run first (without --eval-only), or point --out at a trained run")
     load_trainable(module, checkpoint["trainable"], source=str(path))
     return checkpoint
+
+
+def read_torch(path, what_to_do):
+    """torch.load with weights_only=True (never runs code from the file); a missing or unreadable file is an
+    InputError that names it and says what to do."""
+    if not Path(path).exists():
+        raise data.InputError(f"{path} does not exist; {what_to_do}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, garbled, or a pickle that is not plain tensors and containers
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise data.InputError(f"{path} is unreadable ({type(e).__name__}: {reason}); {what_to_do}") from None
 
 
 def snapshot(out, module, optimizer, epoch, **extra):
@@ -217,7 +367,7 @@ def resume(out, module, optimizer):
     path = Path(out) / "train_state.pt"
     if not path.exists():
         return 0, {}
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_torch(path, "delete it to start the run from the beginning")
     load_trainable(module, state.pop("trainable"), source=str(path))
     optimizer.load_state_dict(state.pop("optimizer"))
     print(f"resuming {out} after epoch {state['epoch']}")
@@ -232,7 +382,7 @@ def lr_at_epoch(epoch, lr, epochs, warmup_lr):
 
 
 class Meter:
-    """Loss and training accuracy of one epoch, kept on the device (no sync per step); checked for NaN at the end."""
+    """Loss and training accuracy of one epoch, kept on the device (no sync per step) and read once at its end."""
 
     def __init__(self):
         self.loss, self.correct, self.seen = 0.0, 0, 0
@@ -242,8 +392,13 @@ class Meter:
         self.correct = self.correct + (logits.argmax(-1) == labels).sum()
         self.seen += len(labels)
 
-    def __str__(self):
-        return f"loss {float(self.loss) / self.seen:.4f}  train acc {100 * int(self.correct) / self.seen:.1f}"
+    def summary(self, epoch, lr):
+        """The epoch's line; a non-finite loss stops the run (no results.json is written for it)."""
+        loss = float(self.loss) / max(1, self.seen)
+        if not math.isfinite(loss):
+            raise data.InputError(f"the training loss became {loss} in epoch {epoch + 1}: the run diverged; "
+                                  f"lower --lr (the learning rate was {lr:.3g} in that epoch)")
+        return f"loss {loss:.4f}  train acc {100 * int(self.correct) / max(1, self.seen):.1f}  lr {lr:.2e}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,14 +465,20 @@ def store_key(fingerprint, dataset, part, transform, files):
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+UMASK = os.umask(0o022)  # read the process's umask (setting it is the only way) ...
+os.umask(UMASK)  # ... and put it back at once
+
+
 def atomic_write(path, write):
-    """write(tmp_path) into a temporary file beside `path`, then rename: readers never see a half-written file."""
+    """write(tmp_path) into a temporary file beside `path`, then rename: readers never see a half-written file.
+    The file gets the permissions a plain open() would give it (mkstemp's are 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -340,14 +501,16 @@ def cached_image_features(store, key, compute):
     return features, labels
 
 
-def stored_image_features(model, items, transform, *, dataset, part, store, device, autocast, fingerprint=None):
+def stored_image_features(model, items, transform, *, dataset, part, store, device, autocast, fingerprint=None,
+                          seed=None):
     """(N, E) raw frozen image features and (N,) labels of `items`, through the feature store when `store` is a folder.
+    seed: of a random transform (data.ImageList).
 
     The key covers the image encoder's weights, dataset, part, transform and file list: every text-side method and
     seed that evaluates the same test set with the same backbone reads the same file.
     """
     def compute():
-        loader = data.loader(items, transform, 100, train=False)
+        loader = data.loader(items, transform, 100, train=False, seed=seed)
         return image_features(model, loader, device, autocast, desc=f"{dataset} {part}")
     if not store:
         return compute()
@@ -373,39 +536,36 @@ def collect(runs_dir, setting="base2new"):
     """{method: {dataset: [results of each seed]}} from every results.json of one setting below runs_dir."""
     table = defaultdict(lambda: defaultdict(list))
     for path in sorted(Path(runs_dir).rglob("results.json")):
-        r = json.loads(path.read_text())
+        try:
+            r = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            print(f"warning: skipping {path}: not valid JSON ({e})", file=sys.stderr)
+            continue
         if r.get("setting", "base2new") != setting:
             continue
         if setting == "base2new" and (r.get("base_acc") is None or r.get("new_acc") is None):
             continue
         key = f"{r['dataset']} {r['shots']}-shot" if setting == "fewshot" else r["dataset"]
-        table[r.get("method", "?")][key].append(r)
+        label = r.get("method", "?") + (f" ({r['variant']})" if r.get("variant") else "")
+        table[label][key].append(r)
     return table
 
 
 def base2new_table(runs_dir):
-    """Markdown: one row per dataset + Average, Base / New / H per method, seed count per cell."""
+    """Markdown: per method, one row per dataset (mean over its seeds) and the papers' Average over datasets (mean
+    base, mean new, H of the means) when there are several."""
     table = collect(runs_dir)
-    methods = sorted(table)
-    datasets = sorted({d for m in methods for d in table[m]})
-    lines = ["| Dataset | " + " | ".join(f"{m} Base | {m} New | {m} H" for m in methods) + " |",
-             "|---|" + "---|---|---|" * len(methods)]
-    for d in datasets:
-        cells = []
-        for m in methods:
-            runs = table[m].get(d, [])
-            if not runs:
-                cells += ["–"] * 3
-                continue
-            b, n, h = average(runs)  # over seeds: same rule as over datasets
-            cells += [f"{b:.2f} ({len(runs)})", f"{n:.2f}", f"{h:.2f}"]
-        lines.append(f"| {d} | " + " | ".join(cells) + " |")
-    cells = []
-    for m in methods:
-        per_dataset = [dict(zip(("base_acc", "new_acc"), average(table[m][d])[:2])) for d in table[m]]
-        b, n, h = average(per_dataset)
-        cells += [f"{b:.2f} ({len(per_dataset)})", f"{n:.2f}", f"{h:.2f}"]
-    lines.append("| **Average** | " + " | ".join(cells) + " |")
+    lines = ["| Method | Dataset | Base | New | H | Runs |", "|---|---|---|---|---|---|"]
+    for m in sorted(table):
+        rows = []
+        for d in sorted(table[m]):
+            b, n, h = average(table[m][d])  # over seeds: the same rule as over datasets
+            rows.append({"base_acc": b, "new_acc": n})
+            seeds = len(table[m][d])
+            lines.append(f"| {m} | {d} | {b:.2f} | {n:.2f} | {h:.2f} | {seeds} seed{'s' * (seeds > 1)} |")
+        if len(rows) > 1:
+            b, n, h = average(rows)
+            lines.append(f"| {m} | **Average** | {b:.2f} | {n:.2f} | {h:.2f} | {len(rows)} datasets |")
     return "\n".join(lines)
 
 
@@ -417,13 +577,14 @@ def fewshot_table(runs_dir):
     """Markdown: one row per dataset and shot count, accuracy on all classes per method (seed count in brackets)."""
     table = collect(runs_dir, "fewshot")
     methods = sorted(table)
-    rows = sorted({d for m in methods for d in table[m]}, key=lambda k: (k.split()[0], int(k.split()[1].split("-")[0])))
+    shots = lambda k: float("inf") if k.split()[1] == "all-shot" else int(k.split()[1].split("-")[0])  # noqa: E731
+    rows = sorted({d for m in methods for d in table[m]}, key=lambda k: (k.split()[0], shots(k)))
     lines = ["| Dataset | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for row in rows:
         cells = [f"{mean([r['acc'] for r in table[m][row]]):.2f} ({len(table[m][row])})" if table[m].get(row) else "–"
                  for m in methods]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", "Each cell: the mean accuracy over seeds (the number of seeds in brackets)."])
 
 
 def crossdataset_table(runs_dir):
@@ -450,7 +611,8 @@ def crossdataset_table(runs_dir):
                 src = f"{source} {mean([r['acc'] for r in runs]):.2f} ({len(runs)})"
                 lines.append(f"| {m} | {src} | " + " | ".join(cells) + f" | {mean(known):.2f} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + ["Source: its accuracy, the mean over seeds (the number of seeds in brackets); targets: "
+                               "the same seeds' mean."])
 
 
 TABLES = {"base2new": base2new_table, "fewshot": fewshot_table, "crossdataset": crossdataset_table}

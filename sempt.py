@@ -54,18 +54,18 @@ parser = evaluation.parser("SemPT: prompt tuning with shared attribute descripti
                            lr=0.0035, recipe="SemPT's recipe is not public: coop.py's")
 # method (reconstructed defaults, see the docstring)
 parser.add_argument("--descriptions", default=None, help="description file (default descriptions/<dataset>.json)")
-parser.add_argument("--tau", type=float, default=0.01, help="temperature of the visually guided weighting (0.01)")
-parser.add_argument("--beta", type=float, default=1.0, help="weight of the attribute summary in the enhanced embedding (1)")
-parser.add_argument("--attr-weight", type=float, default=1.0, help="lambda: weight of the attribute-head loss (1)")
-parser.add_argument("--kg-weight", type=float, default=0.0, help="optional KgCoOp term toward CLIP's hand-crafted prompts (0 = off)")
+parser.add_argument("--tau", type=evaluation.positive, default=0.01, help="temperature of the visually guided weighting (0.01)")
+parser.add_argument("--beta", type=evaluation.non_negative, default=1.0, help="weight of the attribute summary in the enhanced embedding (1)")
+parser.add_argument("--attr-weight", type=evaluation.non_negative, default=1.0, help="lambda: weight of the attribute-head loss (1)")
+parser.add_argument("--kg-weight", type=evaluation.non_negative, default=0.0, help="optional KgCoOp term toward CLIP's hand-crafted prompts (0 = off)")
 parser.add_argument("--dg-head", default="label", choices=["label", "attr"],
                     help="head for seen classes evaluated in another domain (ImageNet variants); MMRL uses attr")
 parser.add_argument("--cache-dir", default=None, help="where attribute embeddings are cached (default <root>/.cache)")
 parser.add_argument("--ctx-init", default="a photo of a", help="words the context starts from ('' = random init)")
-parser.add_argument("--n-ctx", type=int, default=4, help="context length when --ctx-init is ''")
-parser.add_argument("--warmup-lr", type=float, default=1e-5, help="constant learning rate of the warm-up epoch")
-parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Dassl default)")
-parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (Dassl default)")
+parser.add_argument("--n-ctx", type=evaluation.positive_int, default=4, help="context length when --ctx-init is ''")
+parser.add_argument("--warmup-lr", type=evaluation.non_negative, default=1e-5, help="constant learning rate of the warm-up epoch")
+parser.add_argument("--momentum", type=evaluation.fraction, default=0.9, help="SGD momentum (Dassl default)")
+parser.add_argument("--weight-decay", type=evaluation.non_negative, default=5e-4, help="SGD weight decay (Dassl default)")
 
 
 @dataclass
@@ -95,22 +95,26 @@ def load_descriptions(path, classnames):
     """(attributes [K], {class: {attribute: [sentences]}}) for the given class names, from any supported format."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no description file {path}; write one with `python descriptions/describe.py "
-                                f"--dataset ... --llm-url ...` or pass --descriptions FILE")
-    raw = json.loads(path.read_text())
+        raise data.InputError(f"no description file {path}; write one with `python descriptions/describe.py "
+                              f"--dataset ... --llm-url ...` or pass --descriptions FILE")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise data.InputError(f"{path} is not valid JSON ({e}); fix it or write it again with descriptions/describe.py") \
+            from None
     table = raw["descriptions"] if "descriptions" in raw and "attributes" in raw else raw  # ours, or TAP/CuPL/DCLIP
     normal = lambda c: data.classname(c).strip().lower()  # noqa: E731  data.py's rule, case-blind like TAP
     table = {normal(c): v if isinstance(v, dict) else {"description": v} for c, v in table.items()}
     missing = [c for c in classnames if normal(c) not in table]
     if missing:
-        raise ValueError(f"{path} has no descriptions for {len(missing)} classes: {missing}")
+        raise data.InputError(f"{path} has no descriptions for {len(missing)} classes: {missing}")
     attributes = raw.get("attributes") or list(table[normal(classnames[0])])
     out = {}
     for c in classnames:
         entry = table[normal(c)]
         lacking = [a for a in attributes if not entry.get(a)]
         if lacking:
-            raise ValueError(f"{path}: class {c!r} has no sentences for attributes {lacking}")
+            raise data.InputError(f"{path}: class {c!r} has no sentences for attributes {lacking}")
         out[c] = {a: list(entry[a]) for a in attributes}
     return attributes, out
 
@@ -283,7 +287,7 @@ def train(module, model, split, args, *, device, autocast):
             loss.backward()
             optimizer.step()
             meter.add(loss, logits, labels)
-        print(f"epoch {epoch + 1}/{args.epochs}  {meter}  lr {lr:.2e}")
+        print(f"epoch {epoch + 1}/{args.epochs}  {meter.summary(epoch, lr)}")
         evaluation.snapshot(args.out, module, optimizer, epoch)
 
 
@@ -307,8 +311,7 @@ def configure(args):
 
 def run(args):
     """One run (one dataset, one seed): train the context with both heads, then score every test set."""
-    split = data.prepare(args.dataset, args.root, shots=args.shots, seed=args.seed, setting=args.setting,
-                         targets=args.targets, download=args.download)
+    split = data.prepare_for(args)
     model, device, autocast = evaluation.start_run(args, split)
     own = [t for t in split.tests.values() if t.dataset == split.dataset]  # the training dataset's own test sets
     attributes = attributes_of(model, args.dataset, sorted({c for t in own for c in t.classnames}), args,

@@ -49,6 +49,7 @@ def _download(name, root):
         if sha256(target) == expected:
             return target
         print(f"{target} does not match its sha256; downloading it again")
+    created = not target.parent.exists()  # a failed download leaves no new cache folder behind
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=filename + ".", suffix=".part")
     try:
@@ -70,6 +71,8 @@ def _download(name, root):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if created and not any(target.parent.iterdir()):
+            target.parent.rmdir()
     return target
 
 

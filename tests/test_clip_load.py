@@ -118,6 +118,9 @@ def test_no_network_says_where_to_put_the_file(tmp_path, monkeypatch):
     assert "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt" in msg
     assert str(tmp_path / "ViT-B-32.pt") in msg
     assert list(tmp_path.iterdir()) == []  # no partial file left behind
+    with pytest.raises(RuntimeError):
+        clip.load("ViT-B/32", download_root=str(tmp_path / "clip"))
+    assert not (tmp_path / "clip").exists()  # nor a cache folder the failed download created
 
 
 def test_checksum_mismatch_refused_and_good_file_kept(tmp_path, monkeypatch):

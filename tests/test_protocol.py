@@ -106,15 +106,15 @@ def test_folder_dataset_and_bad_inputs(tmp_path):
     write_images([tmp_path / "mine" / c / f"{i}.png" for c in ("cat", "dog") for i in range(10)])
     ds = data.load_dataset("folder", tmp_path / "mine")
     assert ds.classnames == ["cat", "dog"] and len(ds.train) + len(ds.test) == 20 and ds.test
-    with pytest.raises(FileNotFoundError, match="--download"):
+    with pytest.raises(data.InputError, match="--download"):
         data.load_dataset("dtd", tmp_path / "nowhere")
-    with pytest.raises(ValueError, match="unknown dataset"):
+    with pytest.raises(data.InputError, match="unknown dataset"):
         data.load_dataset("mnistt", tmp_path)
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
-    with pytest.raises(OSError, match="broken.jpg"):
+    with pytest.raises(data.InputError, match="broken.jpg"):
         data.ImageList([(str(bad), 0, "x")], data.transform(16, train=False))[0]
-    with pytest.raises(FileNotFoundError, match="gone.jpg"):
+    with pytest.raises(data.InputError, match="gone.jpg"):
         data.ImageList([(str(tmp_path / "gone.jpg"), 0, "x")], data.transform(16, train=False))[0]
 
 
@@ -140,8 +140,8 @@ def test_table_aggregates_seeds_and_datasets(tmp_path):
         evaluation.save_json(tmp_path / d / str(seed) / "results.json", {"method": "coop", "dataset": d, "seed": seed,
                                                                          "base_acc": b, "new_acc": n})
     table = evaluation.base2new_table(tmp_path)
-    assert "| dtd | 75.00 (2) | 45.00 | 56.25 |" in table
-    assert "| **Average** | 82.50 (2) | 52.50 | 64.17 |" in table
+    assert "| coop | dtd | 75.00 | 45.00 | 56.25 | 2 seeds |" in table  # mean base, mean new, H of the means
+    assert "| coop | **Average** | 82.50 | 52.50 | 64.17 | 2 datasets |" in table
 
 
 def test_feature_store_keys_invalidation_and_corruption(tmp_path):

@@ -93,7 +93,7 @@ def test_loader_names_the_missing_classes(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps({"red circle": ["a red circle."]}))
     with pytest.raises(ValueError, match=r"2 classes: \['blue square', 'green triangle'\]"):
         sempt.load_descriptions(tmp_path / "d.json", ["red circle", "blue square", "green triangle"])
-    with pytest.raises(FileNotFoundError, match="describe.py"):
+    with pytest.raises(data.InputError, match="describe.py"):
         sempt.load_descriptions(tmp_path / "none.json", ["red circle"])
 
 

@@ -68,7 +68,7 @@ def test_crossdataset_and_domain_generalisation_end_to_end(tiny, layouts, tmp_pa
                      "imagenet_a", *common(tiny, tmp_path / "run"), *extra])
     assert r["setting"] == "crossdataset" and set(r["targets"]) == {"dtd", "imagenet_a"} and 0 <= r["acc"] <= 100
     table = evaluation.crossdataset_table(tmp_path)
-    assert "| dtd |" in table and "| imagenet_a |" in table and f"| {r['method']} | imagenet" in table
+    assert "| dtd |" in table and "| imagenet_a |" in table and f"| {r['method']} ({r['variant']}) | imagenet" in table
 
 
 @pytest.mark.parametrize("script", ["coop", "capt", "sempt", "davpt"])
@@ -87,10 +87,10 @@ def test_finished_runs_are_skipped_and_redone_with_force(tiny, tmp_path, capsys)
     import coop
     argv = ["--dataset", "folder", "--root", str(tiny / "ds"), "--seed", "1", "2", *common(tiny, tmp_path / "runs")]
     first = coop.main(argv)
-    done = tmp_path / "runs/base2new/folder/shots2_seed1/results.json"
+    done = tmp_path / f"runs/base2new/folder/shots2_seed1_{first[0]['variant']}/results.json"
     stamp = done.stat().st_mtime_ns
     again = coop.main(argv)
-    assert "skipping" in capsys.readouterr().out and done.stat().st_mtime_ns == stamp
+    assert "reusing it" in capsys.readouterr().out and done.stat().st_mtime_ns == stamp
     assert [r["base_acc"] for r in again] == [r["base_acc"] for r in first]
     coop.main(argv + ["--force"])
     assert done.stat().st_mtime_ns != stamp
@@ -134,6 +134,7 @@ def test_each_capt_variant_has_its_own_default_run_folder(tiny, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     argv = ["--dataset", "folder", "--root", str(tiny / "ds"), "--backbone", str(tiny / "clip.pt"), "--shots", "2",
             "--epochs", "1", "--device", "cpu", "--workers", "0"]
-    for extra, method in [([], "coop+text"), (["--decapt"], "decapt"), (["--condition", "noise"], "coop+noise")]:
-        assert capt.main(argv + extra)["method"] == method
-        assert (tmp_path / "runs" / method / "base2new" / "folder" / "shots2_seed1" / "results.json").exists()
+    for extra, method in [([], "capt"), (["--decapt"], "decapt"), (["--condition", "noise"], "capt-noise")]:
+        r = capt.main(argv + extra)
+        assert r["method"] == method and "condition" not in r["variant"] and "decapt" not in r["variant"]
+        assert (tmp_path / "runs" / method / "base2new" / "folder" / f"shots2_seed1_{r['variant']}" / "results.json").exists()

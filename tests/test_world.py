@@ -4,6 +4,7 @@ The full pretraining (minutes) never runs here: 100 small steps on a small set s
 Run: python -m pytest tests/test_world.py
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,6 +12,8 @@ import torch
 import clip
 import data
 import world
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def attrs(n, seed):
@@ -62,20 +65,24 @@ def test_pretraining_loss_falls_and_checkpoint_loads(tmp_path):
     assert torch.allclose(loaded.encode_image(x), model.encode_image(x), atol=1e-6)
 
 
-def test_coop_beats_zero_shot_on_base_classes(tmp_path):
-    """The world teaches something: a short pretraining (1,200 steps, ~45 s), then CoOp's base accuracy after 5 epochs
-    exceeds the zero-shot accuracy of the same CLIP on the same test split (measured: 52.3 -> 54.9)."""
+def readme_row(label):
+    """(base, new, H) of the README's world table row that starts with `label`."""
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0].startswith(label):
+            return tuple(float(c) for c in cells[1:4])
+    raise AssertionError(f"no README row {label!r}")
+
+
+def test_the_shipped_world_teaches_coops_trade_off_with_the_readmes_numbers(tmp_path):
+    """With the shipped CLIP, CoOp (3 seeds) gains on base and loses on new classes against zero-shot CLIP, and both
+    rows are the README's numbers within half a point (they do not depend on the machine any more)."""
     import coop
-    rng = np.random.default_rng(0)
-    pairs = np.array([(c, s) for c in range(8) for s in range(8) if (c, s) not in world.HELD_OUT])
-    c, s = pairs[rng.integers(len(pairs), size=8192)].T
-    p, z = rng.integers(3, size=8192), rng.integers(2, size=8192)
-    images = torch.from_numpy(world.render(c, s, p, z, rng))
-    tokens = clip.tokenize([world.caption(*a, rng) for a in zip(c, s, p, z)])
-    model, _ = world.pretrain(images, tokens, steps=1200, seed=0, batch=128)
-    torch.save(model.state_dict(), tmp_path / "clip.pt")
-    world.prepare_dataset(tmp_path, train_per_class=16, test_per_class=24)
-    common = ["--root", str(tmp_path), "--backbone", str(tmp_path / "clip.pt"), "--device", "cpu", "--workers", "0"]
-    zero_shot = coop.main(common + ["--epochs", "0", "--out", str(tmp_path / "zero_shot")])  # "a photo of a" = template
-    tuned = coop.main(common + ["--epochs", "5", "--out", str(tmp_path / "coop")])
-    assert tuned["base_acc"] > zero_shot["base_acc"] + 1.0, (zero_shot, tuned)
+    common = ["--root", str(tmp_path), "--seed", "1", "2", "3", "--device", "cpu", "--workers", "0"]
+    means = {}
+    for label, extra in [("zero-shot CLIP", ["--epochs", "0"]), ("CoOp (", [])]:
+        runs = coop.main(common + ["--out", str(tmp_path / label[:4]), *extra])
+        means[label] = tuple(np.mean([r[k] for r in runs]) for k in ("base_acc", "new_acc"))
+        assert np.allclose(means[label], readme_row(label)[:2], atol=0.5), (label, means[label], readme_row(label))
+    (zs_base, zs_new), (coop_base, coop_new) = means["zero-shot CLIP"], means["CoOp ("]
+    assert coop_base > zs_base + 1 and coop_new < zs_new - 2
