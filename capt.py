@@ -9,7 +9,7 @@ SCALE * TCI_c to an offset added to every context token of class c's prompt; new
 their own names. The loss is a "margin-ITM" cross-entropy whose margins follow the TCI similarities.
 
     python capt.py                                  # CoOp + CaPT on the built-in world (CPU, seconds)
-    python capt.py --condition image                # the condition study: none | image (CoCoOp) | noise | text
+    python capt.py --condition noise                # the condition study: none | image (CoCoOp) | noise | text
     python capt.py --base kgcoop                    # KgCoOp + CaPT
     python capt.py --decapt                         # DeCaPT = KgCoOp + CaPT + DePT's CAT head
     python capt.py --dataset eurosat --root ~/data  # a real benchmark with OpenAI's ViT-B/16
@@ -22,22 +22,25 @@ Paper numbers (11-dataset base-to-new averages, ViT-B/16, 16 shots, 3 seeds; Bas
     fixed random noise 80.89 / 72.04 / 76.20; mean image feature 80.46 / 72.74 / 76.41; per-class mean image feature
     81.03 / 73.93 / 77.32; text (TCI) 81.36 / 72.92 / 76.91.
 
-Margin-ITM (the official sign): z'_j = z_j - s*m_j with m_j = eps/(C-1) * S[y, j] for j != y and m_y = -sum of the
-others, so the TARGET logit is RAISED (a similarity-weighted label smoothing, the opposite of a CosFace margin).
---epsilon 0 gives plain cross-entropy.
+Margin-ITM (the official sign): z'_j = z_j - s*m_j, m_j = eps/(C-1) * S[y, j] for j != y and m_y = -sum of the others:
+the TARGET logit is RAISED (a similarity-weighted label smoothing, not a CosFace margin). --epsilon 0 is plain CE.
+The study's "image" row is CoCoOp as the paper ran it (CaPT's base_trainers/cocoop.py, CoCoOp/vit_b16_ep10_ctx_batch1),
+so `--condition image` is exactly that: Linear(E, E/16) - ReLU - Linear(E/16, D) with PyTorch's init, no dropout, no
+scale, on the normalised image feature; plain CE; batch 1, lr 0.002. KgCoOp's target uses KgCoOp's own templates (DTD:
+"a photo of a {}, a type of texture."), the TCI the dataset's CoOp template.
 
 Deviations from the official code:
-- fp32 master weights (context, meta-net, CAT head) with bf16 autocast for the frozen CLIP on CUDA; the official
-  code trains fp16 parameters with SGD and no master copy.
-- One frozen CLIP serves the prompts, the TCI and KgCoOp's hand-crafted features (the official KgCoOp/DeCaPT
-  trainers load a second and a third copy).
-- TCI is computed once per class list in memory (the official pickle cache ignores template and backbone).
+- fp32 master weights (context, meta-net, CAT head), bf16 autocast for the frozen CLIP on CUDA (the code: fp16 SGD).
+- One frozen CLIP serves prompts, TCI and KgCoOp's target (the KgCoOp/DeCaPT trainers load two more copies); the TCI
+  is computed once per class list in memory (the code's pickle cache ignores template and backbone).
 - The noise condition's vector is drawn once from the seed and saved in the checkpoint (the official ablation
-  redraws it at test time); the condition study keeps the margin-ITM loss for every condition, as the code does.
-- The meta-net maps the joint-embedding width E to the token width D (both 512 for ViT-B/16, where the code uses
-  text_projection's width for both); weights initialised U(+-1/sqrt(out_features)) as the code's custom Linear.
-- DeCaPT fuses ITM and CAT logits on base classes, as DePT's and CaPT's code do; DePT's paper writes the fusion
-  on probabilities (--fusion probs).
+  redraws it at test time); the none/noise/text conditions keep the margin-ITM loss, as the code does.
+- The margin-ITM scales its margins by the model's logit scale; the official MarginLoss hard-codes 100: the same for
+  OpenAI's CLIPs (exp(logit_scale) = 100), not for the built-in world's CLIP (26.6), where 100 would over-smooth.
+- The meta-net maps the joint-embedding width E to the token width D (both 512 for ViT-B/16; the code uses
+  text_projection's width for both); CaPT's weights U(+-1/sqrt(out_features)) as the code's custom Linear.
+- DeCaPT fuses ITM and CAT logits on base classes, as DePT's and CaPT's code; DePT's paper fuses probabilities
+  (--fusion probs).
 - Text prompts run only up to the longest prompt (exact); the image condition runs its B x C prompts in chunks
   with activation checkpointing, so memory stays bounded.
 
@@ -79,12 +82,14 @@ parser.add_argument("--warmup-lr", type=evaluation.non_negative, default=1e-5, h
 parser.add_argument("--momentum", type=evaluation.fraction, default=0.9, help="SGD momentum (Dassl default)")
 parser.add_argument("--weight-decay", type=evaluation.non_negative, default=5e-4, help="SGD weight decay (Dassl default)")
 
-# The released configs (configs.py and configs/trainers/UCP*/*.yaml of Koorye/CaPT), per variant.
+# The released configs (configs.py and configs/trainers/*/*.yaml of Koorye/CaPT), per variant.
 PRESETS = {
     "coop": dict(scale=0.5, hidden=32, dropout=0.1, epsilon=0.0031),  # UCPCoOp
     "kgcoop": dict(scale=1.0, hidden=32, dropout=0.0, epsilon=0.001),  # UCPKgCoOp
     "decapt": dict(scale=0.9, hidden=64, dropout=0.1, epsilon=0.0008),  # UCPKgCoOpDePT
+    "cocoop": dict(scale=1.0, hidden=32, dropout=0.0, epsilon=0.0, batch_size=1, lr=0.002),  # CoCoOp, ctx_batch1
 }
+KGCOOP_TEMPLATES = {"dtd": "a photo of a {}, a type of texture."}  # KgCoOp's own (base_trainers/kgcoop.py); else CoOp's
 
 
 @dataclass
@@ -143,18 +148,22 @@ class PromptLearner(nn.Module):
 
 
 class MetaNet(nn.Module):
-    """The condition (..., E) -> one offset (..., D) added to every context token: down, leaky ReLU, dropout, up."""
+    """The condition (..., E) -> one offset (..., D) added to every context token: down, activation, dropout, up.
 
-    def __init__(self, E, D, hidden, dropout):
+    CaPT's: leaky ReLU, weights U(+-1/sqrt(out_features)) as the code's custom Linear. CoCoOp's (cocoop=True): ReLU
+    and PyTorch's default Linear init."""
+
+    def __init__(self, E, D, hidden, dropout, cocoop=False):
         super().__init__()
         self.down, self.up, self.dropout = nn.Linear(E, hidden), nn.Linear(hidden, D), nn.Dropout(dropout)
-        for layer in (self.down, self.up):  # the official custom Linear: U(+-1/sqrt(out_features)), no zero init
+        self.activation = nn.ReLU() if cocoop else nn.LeakyReLU()
+        for layer in () if cocoop else (self.down, self.up):
             bound = 1 / math.sqrt(layer.out_features)
             nn.init.uniform_(layer.weight, -bound, bound)
             nn.init.uniform_(layer.bias, -bound, bound)
 
     def forward(self, x):
-        return self.up(self.dropout(F.leaky_relu(self.down(x))))
+        return self.up(self.dropout(self.activation(self.down(x))))
 
 
 class FiLM(nn.Module):
@@ -176,7 +185,8 @@ class CaPT(nn.Module):
         E, D = model.text_projection.shape[1], model.token_embedding.embedding_dim
         self.cfg, self.template = cfg, template
         self.prompt_learner = PromptLearner(model, classnames, cfg.ctx_init, cfg.n_ctx)
-        self.meta = MetaNet(E, D, cfg.hidden, cfg.dropout) if cfg.condition != "none" else None
+        cocoop = cfg.condition == "image"
+        self.meta = MetaNet(E, D, cfg.hidden, cfg.dropout, cocoop=cocoop) if cfg.condition != "none" else None
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("noise", torch.randn(1, E, generator=g))  # (1, E) the fixed vector; saved with the run
         if cfg.decapt:  # DePT's CAT head: FiLM on each modality + one linear classifier over the base classes
@@ -184,15 +194,19 @@ class CaPT(nn.Module):
             self.classifier = nn.Linear(E, len(classnames))
 
     @torch.no_grad()
-    def set_classnames(self, model, classnames, autocast, template=None):
-        """Rebuild the prompts' fixed tokens and the TCI for a class list (once per list, never per batch)."""
+    def set_classnames(self, model, classnames, autocast, template=None, kg_template=None):
+        """Rebuild the prompts' fixed tokens, the TCI and (KgCoOp) the hand-crafted target for a class list (once per
+        list, never per batch). A cross-dataset target's TCI uses that dataset's template."""
         self.prompt_learner.set_classnames(model, classnames)
-        template = template or self.template  # a cross-dataset target's TCI uses that dataset's template
-        tokens = clip.tokenize([template.format(c) for c in classnames]).to(self.noise.device)
-        with autocast():
-            self.tci = model.encode_text(tokens).float()  # (C, E) unnormalised TCI = CLIP's hand-crafted features
+
+        def encode(template):  # (C, E) unnormalised features of CLIP's hand-crafted prompts
+            tokens = clip.tokenize([template.format(c) for c in classnames]).to(self.noise.device)
+            with autocast():
+                return model.encode_text(tokens).float()
+        self.tci = encode(template or self.template)  # (C, E)
         tci = F.normalize(self.tci, dim=-1)
         self.tci_similarity = tci @ tci.t()  # (C, C), the margin-ITM's S
+        self.kg_target = encode(kg_template) if kg_template else self.tci  # (C, E), KgCoOp's consistency target
 
     def offsets(self, image_features=None):
         """(C, D), (1, D) or (B, D) offsets for the context tokens; None for the unconditioned CoOp."""
@@ -254,9 +268,9 @@ def margin_itm_loss(logits, labels, similarity, epsilon, logit_scale):
     return F.cross_entropy(logits - logit_scale * m, labels)
 
 
-def kgcoop_loss(text_features, tci):
+def kgcoop_loss(text_features, target):
     """KgCoOp: 1 - mean cosine between the learned prompts' features and CLIP's hand-crafted ones (same CLIP)."""
-    return 1 - F.cosine_similarity(text_features, tci.expand_as(text_features), dim=-1).mean()
+    return 1 - F.cosine_similarity(text_features, target.expand_as(text_features), dim=-1).mean()
 
 
 def step_loss(capt, model, f, labels, autocast):
@@ -271,13 +285,13 @@ def step_loss(capt, model, f, labels, autocast):
         cat_loss = F.cross_entropy(capt.classifier(cat_in), torch.cat([labels, labels]))
         loss = (1 - cfg.cat_weight) * loss + cfg.cat_weight * cat_loss
     if cfg.base == "kgcoop":
-        loss = loss + cfg.kg_weight * kgcoop_loss(g, capt.tci)
+        loss = loss + cfg.kg_weight * kgcoop_loss(g, capt.kg_target)
     return loss, logits
 
 
 def train(capt, model, split, args, *, device, autocast):
     """SGD over context, meta-net (and CAT head at lr x cat-lr-mult); one line per epoch; a snapshot at each end."""
-    transform = data.transform(model.visual.input_resolution, train=True, crop_scale=split.crop_scale)
+    transform = split.train_transform(model.visual.input_resolution)
     batches = data.training_batches(model, split.train, transform, args.batch_size, seed=args.seed, device=device,
                                     autocast=autocast, views=args.cache_views, store=evaluation.store_dir(args),
                                     dataset=args.dataset, num_workers=args.workers)
@@ -344,13 +358,15 @@ def evaluate(capt, model, test, args, *, device, autocast):
 
 
 def configure(args):
-    """DeCaPT implies KgCoOp + text; unset method flags take the released config of the variant."""
+    """DeCaPT implies KgCoOp + text; the image condition is CoCoOp; unset flags take the variant's released config."""
     if args.decapt and args.condition != "text":
         raise ValueError("--decapt is KgCoOp + CaPT with the text condition; drop --condition")
+    if args.condition == "image" and args.base != "coop":
+        raise ValueError("--condition image is CoCoOp, released on CoOp's context only; drop --base kgcoop")
     if args.decapt:
         args.base = "kgcoop"
-    evaluation.fill(args, PRESETS["decapt" if args.decapt else args.base])
-    name = {"text": "capt", "none": "capt-none", "noise": "capt-noise", "image": "capt-image"}[args.condition]
+    evaluation.fill(args, PRESETS["decapt" if args.decapt else "cocoop" if args.condition == "image" else args.base])
+    name = {"text": "capt", "none": "capt-none", "noise": "capt-noise", "image": "cocoop"}[args.condition]
     args.method = "decapt" if args.decapt else name if args.base == "coop" else f"kgcoop+{name}"
 
 
@@ -359,7 +375,7 @@ def run(args):
     split = data.prepare_for(args)
     model, device, autocast = evaluation.start_run(args, split)
     capt = CaPT(model, split.classnames, split.template, CaPTConfig.from_args(args), seed=args.seed).to(device)
-    capt.set_classnames(model, split.classnames, autocast)
+    capt.set_classnames(model, split.classnames, autocast, kg_template=KGCOOP_TEMPLATES.get(split.dataset))
     evaluation.show_trainable(capt)
     if args.eval_only:
         evaluation.load_checkpoint(args.out, capt)

@@ -6,7 +6,7 @@ classes, and train only them with cross-entropy over CLIP's image-text cosine lo
 prompt is filled with any class names: trained on base classes, evaluated on base and on unseen new classes.
 
     python coop.py                                            # the built-in offline world, CPU, seconds
-    python coop.py --epochs 0                                 # zero-shot CLIP ("a photo of a {}.") on the same split
+    python coop.py --epochs 0                                 # zero-shot CLIP (each dataset's template), same split
     python coop.py --dataset eurosat --root ~/data            # a real benchmark with OpenAI's ViT-B/16
     python coop.py --dataset eurosat dtd --root ~/data --seed 1 2 3   # 6 runs one after the other, then the table
     python coop.py --setting crossdataset --root ~/data       # ImageNet -> the 10 other datasets and the 4 variants
@@ -91,7 +91,7 @@ def step_loss(prompt_learner, model, features, labels, autocast):
 
 def train(module, model, split, args, *, device, autocast):
     """SGD over the module's trainable tensors with Dassl's schedule; one line per epoch; a snapshot at each end."""
-    transform = data.transform(model.visual.input_resolution, train=True, crop_scale=split.crop_scale)
+    transform = split.train_transform(model.visual.input_resolution)
     batches = data.training_batches(model, split.train, transform, args.batch_size, seed=args.seed, device=device,
                                     autocast=autocast, views=args.cache_views, store=evaluation.store_dir(args),
                                     dataset=args.dataset, num_workers=args.workers)
@@ -114,9 +114,14 @@ def train(module, model, split, args, *, device, autocast):
 
 @torch.no_grad()
 def evaluate(model, prompt_learner, test, args, *, device, autocast):
-    """Accuracy of the learned prompts on one test set: text features once, image features once (or from the store)."""
-    prompt_learner.set_classnames(model, test.classnames)
-    weights = text_features(model, prompt_learner, autocast)  # (C, E)
+    """Accuracy of the learned prompts on one test set: text features once, image features once (or from the store).
+    Zero-shot CLIP (nothing trained) uses each dataset's own hand-crafted template instead, as the papers' tables."""
+    if args.method == "zero-shot":
+        with autocast():
+            weights = evaluation.zeroshot_weights(model, test.classnames, test.template, device)  # (C, E)
+    else:
+        prompt_learner.set_classnames(model, test.classnames)
+        weights = text_features(model, prompt_learner, autocast)  # (C, E)
     features, labels = evaluation.stored_test_features(model, test, args, device=device,
                                                        autocast=autocast)  # (N, E) raw, (N,)
     return evaluation.accuracy(F.normalize(features, dim=-1) @ weights.t(), labels)

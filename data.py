@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,10 @@ class TestSet:
     classnames: list
     template: str  # the dataset's hand-crafted prompt
     imagenet_rows: list = None  # ImageNet-A/-R/-V2/-Sketch from ImageNet: the ImageNet labels of its classes
+    test_crop: float = 1.0  # center crop / resized shorter side of the test transform (its dataset's, see DATASETS)
+
+    def transform(self, resolution):
+        return transform(resolution, train=False, test_crop=self.test_crop)
 
 
 @dataclass
@@ -62,7 +67,11 @@ class Split:
     classnames: list  # the training classes, index = label
     template: str  # the training dataset's hand-crafted prompt
     tests: dict = field(default_factory=dict)  # {name: TestSet}
-    crop_scale: tuple = (0.08, 1.0)  # RandomResizedCrop's scale for the training images
+    crop_scale: tuple = (0.08, 1.0)  # RandomResizedCrop's scale for the training images; None: no augmentation
+    test_crop: float = 1.0
+
+    def train_transform(self, resolution):
+        return transform(resolution, train=True, crop_scale=self.crop_scale, test_crop=self.test_crop)
 
 
 def shots(text):
@@ -89,6 +98,8 @@ def add_arguments(parser):
                             "crossdataset: train on the source, test on --targets")
     group.add_argument("--targets", nargs="+", default=CROSS_TARGETS,
                        help="crossdataset: datasets tested with their own class names and templates")
+    group.add_argument("--val", action="store_true",
+                       help="tune on the validation split: train without it and test on it (VTAB-1k: train800 / val200)")
     group.add_argument("--download", action="store_true", help="fetch the dataset with torchvision if it is missing")
 
 
@@ -112,10 +123,28 @@ DATASETS = {
     "imagenet_sketch": dict(dir="imagenet-sketch", images="images", split=None, template="a photo of a {}."),
     "imagenet_a": dict(dir="imagenet-adversarial", images="imagenet-a", split=None, template="a photo of a {}."),
     "imagenet_r": dict(dir="imagenet-rendition", images="imagenet-r", split=None, template="a photo of a {}."),
-    # DA-VPT's fine-grained sets (closed set: DA-VPT trains on every class), in their official layouts.
-    "cub": dict(dir="CUB_200_2011", images="images", split=None, template="a photo of a {}, a type of bird."),
-    "nabirds": dict(dir="nabirds", images="images", split=None, template="a photo of a {}, a type of bird."),
-    "dogs": dict(dir="Stanford-dogs", images="Images", split=None, template="a photo of a {}, a type of dog."),
+    # DA-VPT's five fine-grained sets as VPT and DA-VPT read them: VPT's split files train.json (the train images
+    # minus VPT's validation ones), val.json and test.json, {path relative to `images`: class id}, in the official
+    # folders; test images Resize 256 -> CenterCrop 224 (test_crop 0.875), as the released transforms.
+    "cub": dict(dir="CUB_200_2011", images="images", split=None, reader="vpt-json", test_crop=0.875,
+                template="a photo of a {}, a type of bird."),
+    "nabirds": dict(dir="nabirds", images="images", split=None, reader="vpt-json", test_crop=0.875,
+                    template="a photo of a {}, a type of bird."),
+    "dogs": dict(dir="Stanford-dogs", images="Images", split=None, reader="vpt-json", test_crop=0.875,
+                 template="a photo of a {}, a type of dog."),
+    "cars": dict(dir="Stanford-cars", images="", split=None, reader="vpt-json", test_crop=0.875, template="a photo of a {}."),
+    "flowers": dict(dir="OxfordFlower", images="", split=None, reader="vpt-json", test_crop=0.875,
+                    template="a photo of a {}, a type of flower."),
+    # VTAB-1k in NOAH's layout (vtab-1k/<task>/ with train800val200.txt, val200.txt and test.txt, "path label" per
+    # line), as DA-VPT reads it: no augmentation (train images resized and center-cropped like the test ones).
+    **{f"vtab-{name}": dict(dir=f"vtab-1k/{folder}", images="", split=None, reader="vtab", crop_scale=None,
+                            template="a photo of a {}.") for name, folder in {
+        "cifar100": "cifar", "caltech101": "caltech101", "dtd": "dtd", "oxford_flowers102": "oxford_flowers102",
+        "oxford_iiit_pet": "oxford_iiit_pet", "svhn": "svhn", "sun397": "sun397", "patch_camelyon": "patch_camelyon",
+        "eurosat": "eurosat", "resisc45": "resisc45", "retinopathy": "diabetic_retinopathy",
+        "clevr_count": "clevr_count", "clevr_dist": "clevr_dist", "dmlab": "dmlab", "kitti": "kitti",
+        "dsprites_loc": "dsprites_loc", "dsprites_ori": "dsprites_ori", "smallnorb_azi": "smallnorb_azi",
+        "smallnorb_ele": "smallnorb_ele"}.items()},
 }
 
 # Class-name rules of CoOp's readers that the split files do not already apply.
@@ -169,32 +198,42 @@ def _read_folders(image_dir, classnames_file=None):
             for f in files[folder]]
 
 
-def _read_cub_style(name, base, image_dir):
-    """CUB-200-2011 and NABirds: images.txt, image_class_labels.txt, train_test_split.txt, classes.txt."""
-    def table(file):
-        return dict(line.strip().split(" ", 1) for line in _need(base / file, name).read_text().splitlines()
-                    if line.strip())
-    images, labels, is_train, classes = (table(n) for n in ("images.txt", "image_class_labels.txt",
-                                                            "train_test_split.txt", "classes.txt"))
-    used = sorted({labels[i] for i in images}, key=int)  # NABirds' class ids are sparse: keep those with images
-    index = {c: k for k, c in enumerate(used)}
-    names = [classes[c].split(".", 1)[-1].replace("_", " ") for c in used]  # "001.Black_footed_Albatross"
-    splits = {"train": [], "val": [], "test": []}
-    for i, rel in images.items():
-        k = index[labels[i]]
-        splits["train" if is_train[i].strip() == "1" else "test"].append(Item(str(image_dir / rel), k, names[k]))
-    return splits
+def _read_vpt_json(name, base, image_dir):
+    """VPT's JSON splits ({relative path: class id}; ids made contiguous in sorted order, as the released code).
+    Class names (only a text head needs them) come from class folders ("001.Black_footed_Albatross",
+    "n02085620-Chihuahua"), else NABirds' classes.txt ("295 Red-tailed Hawk", by its folder "0295") or Flowers'
+    cat_to_name.json (keys 1..102 for ids 0..101), else "class <id>"."""
+    raw = {s: json.loads(_need(base / f"{s}.json", name).read_text()) for s in ("train", "val", "test")
+           if s != "val" or (base / "val.json").exists()}
+    ids = sorted({int(y) for y in raw["train"].values()})
+    label = {y: i for i, y in enumerate(ids)}
+    listed = {}
+    if (base / "classes.txt").exists():
+        listed = {int(k): v.strip() for k, v in (l.split(" ", 1) for l in (base / "classes.txt").read_text().splitlines()
+                                                 if l.strip())}
+    elif (base / "cat_to_name.json").exists():
+        listed = {int(k) - 1: v for k, v in json.loads((base / "cat_to_name.json").read_text()).items()}
+    folders = defaultdict(set)
+    for rel, y in raw["train"].items():
+        folders[int(y)].add(Path(rel).parent.name)
+    class_folders = all(len(f) == 1 for f in folders.values()) and len(set().union(*folders.values())) == len(folders)
+
+    def name_of(y):
+        folder = next(iter(folders[y])) if class_folders else ""
+        if folder and not folder.isdigit():
+            return re.sub(r"^(\d+\.|n\d+-)", "", folder).replace("_", " ")
+        return listed.get(int(folder) if folder else y, f"class {y}")
+    names = {y: name_of(y) for y in ids}
+    return {s: [Item(str(image_dir / rel), label[int(y)], names[int(y)]) for rel, y in sorted(raw[s].items())]
+            for s in raw} | ({} if "val" in raw else {"val": []})
 
 
-def _read_vpt_json(base, image_dir):
-    """Stanford Dogs as DA-VPT's code reads it: VPT's train.json / test.json ({relative path: label}) beside the
-    official Images/<wnid>-<Breed>/ folders."""
-    raw = {s: json.loads(_need(base / f"{s}.json", "dogs").read_text()) for s in ("train", "test")}
-    names = {}
-    for rel, label in raw["train"].items():  # "n02085620-Chihuahua/n02085620_10074.jpg" -> "Chihuahua"
-        names.setdefault(int(label), rel.split("/")[0].split("-", 1)[-1].replace("_", " "))
-    splits = {s: [Item(str(image_dir / rel), int(y), names[int(y)]) for rel, y in sorted(raw[s].items())] for s in raw}
-    return splits | {"val": []}
+def _read_vtab(name, base):
+    """VTAB-1k task folder: train = train800val200.txt (all 1,000 images), val = val200.txt, test = test.txt."""
+    def lines(file):
+        return [Item(str(base / p), int(y), f"class {y}") for p, y in
+                (l.split() for l in _need(base / file, name).read_text().splitlines() if l.strip())]
+    return {"train": lines("train800val200.txt"), "val": lines("val200.txt"), "test": lines("test.txt")}
 
 
 @dataclass
@@ -221,16 +260,18 @@ def load_dataset(name, root, download=False):
         base = world.prepare_dataset(root)
     elif download:
         _download(name, root)
-    image_dir = _need(base / layout["images"], name)
+    image_dir = base / layout["images"] if name == "dogs" else _need(base / layout["images"], name)
     own_split = base / f"split_nanoprompt_{name}.json"  # written by --download where CoOp has no split file
     if layout["split"]:
         splits = _read_split_file(_need(base / layout["split"], name), image_dir)
     elif own_split.exists():
         splits = _read_split_file(own_split, image_dir)
-    elif name in ("cub", "nabirds"):
-        splits = _read_cub_style(name, base, image_dir)
-    elif name == "dogs":
-        splits = _read_vpt_json(base, image_dir)
+    elif layout.get("reader") == "vpt-json":
+        if name == "dogs" and not image_dir.exists() and (base / "images").exists():  # DA-VPT's copy: lower case
+            image_dir = base / "images"
+        splits = _read_vpt_json(name, base, image_dir)
+    elif layout.get("reader") == "vtab":
+        splits = _read_vtab(name, base)
     elif name == "fgvc_aircraft":
         variants = _need(base / "variants.txt", name).read_text().splitlines()
         label = {v: i for i, v in enumerate(variants)}
@@ -398,23 +439,21 @@ def imagenet_labels(name, root):
     return [index[f] for f in folders]
 
 
-def vtab1k(items, seed):
-    """VTAB-1k style split of a training list: (800 train, 200 val), drawn with a fixed seed."""
-    if len(items) < 1000:
-        raise InputError(f"VTAB-1k needs at least 1000 training images, got {len(items)}")
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [items[i] for i in order[:800]], [items[i] for i in order[800:1000]]
-
-
-def prepare(name, root, *, shots, seed, setting="base2new", targets=(), download=False):
+def prepare(name, root, *, shots, seed, setting="base2new", targets=(), download=False, val=False):
     """The Split of one run: few-shot train items of the training classes and the setting's test sets.
 
     base2new: train on the base half, tests "base" and "new"; fewshot: train and test "all" classes;
     crossdataset: train and test "all" classes of the source, then one test set per target (its own class names
     and template; ImageNet's variants carry the ImageNet labels of their classes). shots "all": the whole train split.
+    val: the validation split replaces the test split, and its images leave the train split (hyperparameter tuning).
     Every image of the run is checked before anything is trained (see check_images).
     """
     ds = load_dataset(name, root, download)
+    if val:
+        if not ds.val:
+            raise InputError(f"--val: {name} has no validation split")
+        held_out = {it.path for it in ds.val}
+        ds = Dataset(ds.name, ds.template, ds.classnames, [it for it in ds.train if it.path not in held_out], [], ds.val)
     train = ds.train if shots == "all" else fewshot(ds.train, shots, seed)
     labels = {it.label for it in ds.train}
     if setting not in ("base2new", "fewshot", "crossdataset"):
@@ -422,22 +461,25 @@ def prepare(name, root, *, shots, seed, setting="base2new", targets=(), download
     parts = ("base", "new") if setting == "base2new" else ("all",)
     train_items, classnames = split_base_new(train, parts[0], labels)
     tests = {}
+    layout = lambda n: DATASETS.get(n, {})  # noqa: E731  ('folder' has none)
     for part in parts:
         items, names = split_base_new(ds.test, part, labels)
-        tests[part] = TestSet(part, name, part, items, names, ds.template)
+        tests[part] = TestSet(part, name, "val " + part if val else part, items, names, ds.template,
+                              test_crop=layout(name).get("test_crop", 1.0))
     for target in targets if setting == "crossdataset" else ():
         target_ds = load_dataset(target, root, download)
         rows = imagenet_labels(target, root) if name == "imagenet" and target in IMAGENET_VARIANTS else None
-        tests[target] = TestSet(target, target, "test", target_ds.test, target_ds.classnames, target_ds.template, rows)
+        tests[target] = TestSet(target, target, "test", target_ds.test, target_ds.classnames, target_ds.template, rows,
+                                test_crop=layout(target).get("test_crop", 1.0))
     check_images(train_items + [it for t in tests.values() for it in t.items], Path(root).expanduser() / ".cache" / "checked")
-    return Split(name, train_items, classnames, ds.template, tests,
-                 crop_scale=DATASETS.get(name, {}).get("crop_scale", (0.08, 1.0)))
+    return Split(name, train_items, classnames, ds.template, tests, crop_scale=layout(name).get("crop_scale", (0.08, 1.0)),
+                 test_crop=layout(name).get("test_crop", 1.0))
 
 
 def prepare_for(args):
     """The Split of one run from its flags: `prepare` with --dataset, --root, --shots, --seed, --setting, --targets."""
     return prepare(args.dataset, args.root, shots=args.shots, seed=args.seed, setting=args.setting,
-                   targets=args.targets, download=args.download)
+                   targets=args.targets, download=args.download, val=args.val)
 
 
 def check_images(items, cache_dir=None):
@@ -473,15 +515,16 @@ def check_images(items, cache_dir=None):
 # ---------------------------------------------------------------------------------------------------------------
 # Transforms, loaders and training batches.
 
-def transform(resolution, train, crop_scale=(0.08, 1.0)):
-    """CLIP transforms. train: RandomResizedCrop(crop_scale, bicubic) + flip; test: shorter side + center crop."""
+def transform(resolution, train, crop_scale=(0.08, 1.0), test_crop=1.0):
+    """CLIP transforms (bicubic). train: RandomResizedCrop(crop_scale) + flip, or the test transform when crop_scale is
+    None (no augmentation); test: shorter side to resolution / test_crop, then the center crop (FGVC: 256 -> 224)."""
     bicubic = T.InterpolationMode.BICUBIC
-    if train:
+    if train and crop_scale is not None:
         ratio = (1.0, 1.0) if crop_scale == (1.0, 1.0) else (3 / 4, 4 / 3)  # (1, 1): the whole image, resized
         steps = [T.RandomResizedCrop(resolution, scale=crop_scale, ratio=ratio, interpolation=bicubic),
                  T.RandomHorizontalFlip()]
     else:
-        steps = [T.Resize(resolution, interpolation=bicubic), T.CenterCrop(resolution)]
+        steps = [T.Resize(round(resolution / test_crop), interpolation=bicubic), T.CenterCrop(resolution)]
     return T.Compose(steps + [T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
@@ -507,7 +550,7 @@ class ImageList(torch.utils.data.Dataset):
         if self.seed is None:
             return self.transform(image), label
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + i) % 2**63)
+            torch.default_generator.manual_seed((self.seed * 1_000_003 + i) % 2**63)  # the CPU RNG the transforms use
             return self.transform(image), label
 
 

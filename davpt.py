@@ -7,14 +7,21 @@ class-cluster proxies. Classes are mapped to prompts by cosine k-means over per-
 Proxy-Anchor losses pull (a) an image's tokens and (b) its [CLS] query towards its class's prompt and push them from the
 others. At test time it is plain VPT-deep plus a head.
 
-    python davpt.py --setting fewshot                               # the built-in world, linear probe, 32 classes
-    python davpt.py --head text                                     # the world's base-to-new with CLIP's text head
-    python davpt.py --dataset cub --root ~/data --setting fewshot --shots 0   # the paper's full-data FGVC setting
+    python davpt.py                                          # the built-in world: all 32 classes, linear probe
+    python davpt.py --head text --setting base2new --shots 16   # the world's base-to-new with CLIP's text head
+    python davpt.py --dataset cub --root ~/data              # the paper's setting: full-data FGVC, CUB's released config
+    python davpt.py --dataset vtab-cifar100 --root ~/data --val  # VTAB-1k: tune on train800 / val200
 
 Paper results (ViT-B/16 IN-21k, Table 1/3): FGVC mean 91.22 (DA-VPT) / 91.94 (DA-VPT+); VTAB-1k mean of group means
 74.69 / 76.14 (Natural 80.25/81.98, Specialized 85.12/86.47, Structured 58.71/59.96); 0.16-0.27% trainable parameters.
-The often-quoted "40% faster training" and "<0.1% extra parameters" appear nowhere in the paper or code (they come from
-a third-party summary); the paper's Table 4 shows DA-VPT slightly *slower* per image than VPT-deep.
+These are the released code's numbers: the best test accuracy over the epochs after `eval_after` (a test-set model
+selection). results.json holds both `acc` (the last epoch's, the default and honest number) and `acc_best_epoch`
+(the paper's). The often-quoted "40% faster training" and "<0.1% extra parameters" appear nowhere in the paper or
+code (a third-party summary); the paper's Table 4 shows DA-VPT slightly *slower* per image than VPT-deep.
+
+Defaults: the paper's setting (closed set on every class, the whole train split, a linear probe) with the released
+config of the dataset when there is one (PRESETS_TABLE below), else its default row; any flag overrides. The released
+configs were tuned for DA-VPT+ (all unfreeze biases); `--tune-bias` stays yours to choose.
 
 Choices and differences from the official code (paper by default, code behind a flag):
 - Tokens<->prompts loss input: the attention output (before out_proj) at the image's assigned prompt (paper Sec. 3.3);
@@ -33,10 +40,13 @@ Choices and differences from the official code (paper by default, code behind a 
 - Heads: `--head linear` is the paper's linear probe (closed set: new classes are not evaluated); `--head text` is
   CLIP's frozen zero-shot text head (not in the paper) so base-to-new works as for the other scripts.
 - The class-mean features are CLIP's joint embedding ln_post(CLS) @ proj (the code uses the final-norm CLS).
+- Data as the released code reads it (data.py): VPT's JSON splits for the five FGVC sets (test Resize 256 ->
+  CenterCrop 224), VTAB-1k's NOAH lists trained on all 1,000 images without augmentation (--val: train800 / val200).
 
 Dimension legend: B batch, C training classes, M prompts of a layer (M_g guided, M_o other), P patches,
 N = 1 + M + P tokens, D width, H heads, hd head width, E joint embedding.
 """
+import argparse
 import math
 from dataclasses import dataclass, fields
 
@@ -49,31 +59,90 @@ import data
 import eval as evaluation
 
 parser = evaluation.parser("DA-VPT: distribution-aware visual prompt tuning on CLIP's ViT", epochs=100, batch_size=32,
-                           lr=1e-3, recipe="paper; AdamW", frozen_image_encoder=False)
-# method (the paper's defaults; the released configs vary them per dataset, see the notes in the docstring)
+                           lr="the dataset's config, else 1e-3", recipe="paper; AdamW", frozen_image_encoder=False)
+parser.set_defaults(setting="fewshot", shots="all")  # the paper's setting: every class, the whole train split
+# method (unset: the dataset's released config in PRESETS_TABLE, else its default row)
 parser.add_argument("--head", default="linear", choices=["linear", "text"],
                     help="linear probe (paper) or CLIP's frozen zero-shot text head (base-to-new)")
-parser.add_argument("--guided-layers", default="-1", help="comma-separated guided block indices (paper: last)")
-parser.add_argument("--num-guided", type=evaluation.natural, default=10, help="M_g prompts per guided layer (code default 10)")
-parser.add_argument("--num-other", type=evaluation.natural, default=20, help="M_o prompts per other layer (code default 20)")
+parser.add_argument("--guided-layers", default=None, help="comma-separated guided block indices (paper: the last, 11)")
+parser.add_argument("--num-guided", type=evaluation.natural, default=None, help="M_g prompts per guided layer (code: 10)")
+parser.add_argument("--num-other", type=evaluation.natural, default=None, help="M_o prompts per other layer (code: 20)")
 parser.add_argument("--init-divide", type=evaluation.positive, default=8.0,
                     help="divide the xavier init by this (most ViT-B configs: 8; 1 = plain xavier)")
-parser.add_argument("--prompt-mask", action="store_true", help="prompts attend only to patches (several FGVC configs)")
-parser.add_argument("--beta", type=evaluation.non_negative, default=0.01, help="weight of the tokens<->prompts loss (VTAB configs 0.01)")
-parser.add_argument("--lam", type=evaluation.non_negative, default=0.01, help="weight of the [CLS] query<->prompts loss (VTAB: 0.01)")
+parser.add_argument("--mask", action=argparse.BooleanOptionalAction, default=None,
+                    help="prompts attend only to the patches, not to [CLS] or prompts (CUB's config)")
+parser.add_argument("--vpt-norm", default=None, choices=["none", "l2"], help="l2: unit-norm prompts (CUB's config)")
+parser.add_argument("--drop-path", type=evaluation.fraction, default=None,
+                    help="stochastic depth of the frozen blocks while training, linear in depth up to this (configs 0-0.1)")
+parser.add_argument("--beta", type=evaluation.non_negative, default=None, help="weight of the tokens<->prompts loss")
+parser.add_argument("--lam", type=evaluation.non_negative, default=None, help="weight of the [CLS] query<->prompts loss")
 parser.add_argument("--alpha", type=evaluation.positive, default=32.0, help="Proxy-Anchor scale (code: 32)")
 parser.add_argument("--delta", type=evaluation.finite, default=0.1, help="Proxy-Anchor margin (code: 0.1)")
-parser.add_argument("--sigma", type=evaluation.non_negative, default=5.0, help="similarity scale, s = sigma*cos (code: 5)")
+parser.add_argument("--sigma", type=evaluation.non_negative, default=None, help="similarity scale, s = sigma*cos")
 parser.add_argument("--token-feature", default="attn-out", choices=["attn-out", "mean-patch"],
                     help="attn-out = attention output at the assigned prompt (paper); mean-patch = released code")
-parser.add_argument("--dynamic-kmeans", type=evaluation.natural, default=1, help="re-run k-means at every epoch end from this epoch on")
+parser.add_argument("--dynamic-kmeans", type=evaluation.natural, default=None,
+                    help="re-run k-means at every epoch end from this epoch on (configs: 1 or 10)")
 parser.add_argument("--kmeans-images", type=evaluation.positive_int, default=10, help="images per class for the initial mapping (code: 10)")
 parser.add_argument("--tune-bias", default="none", choices=["none", "kv", "all"], help="none = DA-VPT, kv = DA-VPT+")
-parser.add_argument("--weight-decay", type=evaluation.non_negative, default=0.05, help="AdamW weight decay on prompts (FGVC configs 0.05)")
-parser.add_argument("--wd-head", type=evaluation.non_negative, default=3.0, help="weight decay of the linear head weight (configs 3-5)")
+parser.add_argument("--weight-decay", type=evaluation.non_negative, default=None, help="AdamW weight decay on the prompts")
+parser.add_argument("--wd-head", type=evaluation.non_negative, default=None, help="weight decay of the linear head weight")
+parser.add_argument("--samples-per-class", type=evaluation.positive_int, default=None,
+                    help="images per class in a batch (the class sampler; code: 2, Dogs 4)")
+parser.add_argument("--eval-after", type=evaluation.natural, default=None,
+                    help="from this epoch on, also test after every epoch: acc_best_epoch (code: 60-90)")
 parser.add_argument("--warmup-epochs", type=evaluation.natural, default=10, help="linear warm-up epochs (code: 10)")
-parser.add_argument("--vtab1k", action="store_true", help="VTAB-1k style: 800 train / 200 val images")
 parser.add_argument("--clip-grad", type=evaluation.positive, default=10.0, help="gradient value clipping (code: 10)")
+
+# The released ViT-B configs, one line each (Noahsark/DA-VPT configs/fgvc/vitb_*.yaml, configs/vtab/vitb_*.yaml);
+# "default" where none applies (the world, CoOp's datasets, a folder): the code's defaults, guidance in the last block.
+# layers: the guided blocks (ViT-B's 0..11); M_g/M_o: prompts per guided/other block; beta/lam: the two metric-loss
+# weights; sigma: loss_vpt_scale_ratio; dyn: dynamic_kmeans; eval: eval_after; batch x per: the class sampler.
+# The configs' parser silently skips unknown keys; where a config relies on one, the row holds its intent:
+#   * legacy vpt_and_cls_loss_weight -> beta = lam (skipped, both were 0; with a zero metric loss Dogs' vpt_loss_stop_thr
+#     0.001 also ended training after epoch 0: here it trains its 100 epochs);
+#   ** legacy proxy_prompt_depth -> the blocks it names (skipped, the guidance ran from the start block to 11);
+#   *** smallnorb_ele's file is cut off after its lr: beta, the weight decays and eval are the defaults.
+PRESETS_TABLE = """
+dataset                 lr    layers M_g M_o beta lam  sigma mask norm drop dyn wd    wd_head eval batch per  config
+default                 1e-3  -1     10  20  0.01 0.01 5     no   none 0    1   0.05  3       60   32    2    params.py
+cub                     5e-4  10-11  10  10  0.05 0.05 5     yes  l2   0.1  1   0.05  5       80   32    2    vitb_cub200
+nabirds                 1e-3  9-11   10  5   0.01 0.2  60    no   none 0    10  0.05  3       80   32    2    vitb_bird
+cars                    1e-3  11     60  80  0.05 0.05 60    no   none 0    10  0.05  3       80   32    2    vitb_cars
+dogs                    2e-4  11     10  20  0.01 0.01 1     no   none 0    10  0.05  3       80   64    4    vitb_dogs*
+flowers                 1e-3  11     10  40  0.05 0.05 1     no   none 0    10  0.05  3       60   32    2    vitb_flowers*
+vtab-cifar100           5e-3  3-7    20  20  1    0.05 5     no   none 0.1  1   1     20      90   32    2    vitb_cifar100**
+vtab-caltech101         5e-3  11     10  60  0.01 0.01 1     no   none 0.1  10  0.05  5       90   32    2    vitb_caltech101*
+vtab-dtd                1e-3  11     10  10  0.02 0.02 5     no   none 0.1  10  0.05  5       90   32    2    vitb_dtd*
+vtab-oxford_flowers102  1e-3  11     10  40  0.1  0.1  5     no   none 0    10  0.5   3       90   32    2    vitb_flower102
+vtab-oxford_iiit_pet    1e-3  11     10  5   0.1  0.1  10    no   none 0.1  10  0.05  5       90   32    2    vitb_pet*
+vtab-patch_camelyon     5e-3  11     10  0   0.01 0.01 5     no   none 0    1   10    5       60   32    2    vitb_camelyon
+vtab-eurosat            5e-4  9-11   10  20  0.5  0.01 5     no   none 0    1   5     5e-3    90   32    2    vitb_eurosat
+vtab-resisc45           5e-3  0-4    10  20  0.01 0.05 5     no   none 0    1   1e-4  1       90   32    2    vitb_resisc45**
+vtab-retinopathy        1e-3  11     10  20  0.01 0.01 5     no   none 0    1   0.1   1       60   32    2    vitb_retinopathy
+vtab-clevr_count        1e-3  11     10  10  0.5  0.5  1     no   none 0.1  1   0.01  10      60   32    2    vitb_clerv_count
+vtab-clevr_dist         5e-5  11     5   10  0.01 0.01 5     no   none 0.1  1   1e-3  0.5     60   32    2    vitb_clevr_dist
+vtab-dmlab              5e-3  11     10  10  0.01 0.01 5     no   none 0.1  1   0     0.05    60   32    2    vitb_dmlab
+vtab-dsprites_loc       1e-2  11     10  10  0.1  0.1  5     no   none 0    10  0.5   3       90   32    2    vitb_dspr_loc
+vtab-dsprites_ori       1e-2  3-11   10  20  0.01 0.01 5     no   none 0    1   1e-3  1e-4    90   32    2    vitb_dspr_ori
+vtab-smallnorb_azi      1e-3  11     10  20  0.01 0.01 5     no   none 0.1  1   1     1       60   32    2    vitb_smallnorb_azi
+vtab-smallnorb_ele      5e-5  11     10  5   0.01 0.1  5     no   none 0    10  0.01  3       60   32    2    vitb_smallnorb_ele***
+"""
+FLAGS = dict(layers="guided_layers", M_g="num_guided", M_o="num_other", norm="vpt_norm", drop="drop_path",
+             dyn="dynamic_kmeans", wd="weight_decay", eval="eval_after", batch="batch_size", per="samples_per_class")
+
+
+def presets(table):
+    """{dataset: {flag: value}} from the table: numbers parsed, yes/no as booleans, layers "a-b" as "a,...,b"."""
+    header, *rows = [line.split() for line in table.strip().splitlines()]
+    blocks = lambda a, b: ",".join(str(l) for l in range(int(a), int(b) + 1))  # noqa: E731  "9-11" -> "9,10,11"
+    parse = {"layers": lambda v: blocks(*v.split("-")) if "-" in v[1:] else v, "mask": lambda v: v == "yes",
+             "norm": str}
+    number = lambda v: int(v) if v.isdigit() else float(v)  # noqa: E731
+    return {row[0]: {FLAGS.get(k, k): parse.get(k, number)(v) for k, v in zip(header[1:-1], row[1:-1])} for row in rows}
+
+
+PRESETS = presets(PRESETS_TABLE)
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -85,7 +154,9 @@ class DAVPTConfig:
     num_guided: int = 10
     num_other: int = 20
     init_divide: float = 8.0
-    prompt_mask: bool = False
+    mask: bool = False
+    vpt_norm: str = "none"
+    drop_path: float = 0.0
     tune_bias: str = "none"
     alpha: float = 32.0
     delta: float = 0.1
@@ -133,8 +204,20 @@ class DAVPT(nn.Module):
             self.logit_scale = clip_model.logit_scale.exp().item()  # CLIP's own temperature (100 for OpenAI's)
 
     def prompts(self, l):
+        """Layer l's prompts (M, D), unit-norm with --vpt-norm l2 (for the insertion and the metric losses)."""
         kind, i = self.slot[l]
-        return (self.proxy_prompts if kind == "proxy" else self.other_prompts)[i]  # (M, D)
+        prompts = (self.proxy_prompts if kind == "proxy" else self.other_prompts)[i]  # (M, D)
+        return F.normalize(prompts, dim=-1, eps=1e-6) if self.cfg.vpt_norm == "l2" else prompts
+
+    def drop_path(self, branch, l):
+        """Stochastic depth while training (timm's DropPath): a sample's residual branch is dropped with probability
+        rising linearly from 0 at the first block to --drop-path at the last; kept ones are scaled by 1/(1-p)."""
+        L = len(self.clip.visual.transformer.resblocks)
+        p = self.cfg.drop_path * l / max(1, L - 1)
+        if not self.training or p == 0:
+            return branch
+        keep = torch.rand(branch.shape[0], 1, 1, device=branch.device) >= p  # (B, 1, 1)
+        return branch * keep / (1 - p)
 
     def mask(self, M, N, device):
         """Additive (N, N) mask: prompt rows 1..M may not see columns 0..M ([CLS] and prompts)."""
@@ -152,7 +235,7 @@ class DAVPT(nn.Module):
             prm = self.prompts(l)  # (M, D)
             M = prm.shape[0]
             x = torch.cat([x[:, :1], prm.to(x.dtype).expand(B, -1, -1), x[:, -P:]], dim=1)  # (B, N, D)
-            mask = self.mask(M, x.shape[1], x.device) if (cfg.prompt_mask and M) else None
+            mask = self.mask(M, x.shape[1], x.device) if (cfg.mask and M) else None
             a, parts = block.attn(block.ln_1(x), mask, return_parts=True)  # (B, N, D), parts
             if self.dv is not None:  # v + dv: the softmax weights sum to 1, so the output moves by out_proj.weight @ dv
                 a = a + (block.attn.out_proj.weight @ self.dv[l].to(a.dtype))  # (B, N, D)
@@ -167,8 +250,8 @@ class DAVPT(nn.Module):
                 q_cls = parts["q"][:, :, 0].reshape(B, -1)  # (B, H*hd) = (B, D), [CLS] query
                 losses.append((proxy_anchor(tok, prm, y_prompt, alpha=cfg.alpha, delta=cfg.delta, sigma=cfg.sigma),
                                proxy_anchor(q_cls, prm, y_prompt, alpha=cfg.alpha, delta=cfg.delta, sigma=cfg.sigma)))
-            x = x + a
-            x = x + block.mlp(block.ln_2(x))
+            x = x + self.drop_path(a, l)
+            x = x + self.drop_path(block.mlp(block.ln_2(x)), l)
         return vis.head(x), (losses if y_prompt is not None else None)  # (B, E)
 
     def logits(self, feats):
@@ -238,23 +321,24 @@ def class_means(encode, loader, num_classes, device):
     return sums / counts.clamp(min=1)[:, None]  # (C, E)
 
 
-def balanced_batches(labels, batch_size, generator):
-    """Class-balanced batches for one epoch: batch_size/2 classes x 2 images (the code's class sampler)."""
+def draw(pool, n, generator):
+    """n elements of pool, without replacement while it lasts (the code's _smart_sample): with n > len(pool) every
+    element n // len(pool) times, plus the rest drawn without replacement."""
+    repeats, rest = divmod(n, len(pool))
+    drawn = pool * repeats + [pool[j] for j in torch.randperm(len(pool), generator=generator)[:rest].tolist()]
+    return [drawn[j] for j in torch.randperm(len(drawn), generator=generator).tolist()] if repeats else drawn
+
+
+def balanced_batches(labels, batch_size, samples_per_class, generator):
+    """One epoch of the code's class sampler: len(labels) // batch_size batches, each batch_size / samples_per_class
+    classes drawn without replacement, and samples_per_class images of each, drawn without replacement."""
     by_class = {}
     for i, c in enumerate(labels):
         by_class.setdefault(c, []).append(i)
-    per = max(1, batch_size // 2)
-    n_batches = max(1, len(labels) // batch_size)
     classes = list(by_class)
-    batches = []
-    for _ in range(n_batches):
-        pick = [classes[j] for j in torch.randperm(len(classes), generator=generator)[:per].tolist()]
-        batch = []
-        for c in pick:
-            idx = by_class[c]
-            batch += [idx[j] for j in torch.randint(len(idx), (2,), generator=generator).tolist()]
-        batches.append(batch)
-    return batches
+    per = max(1, batch_size // samples_per_class)
+    return [[i for c in draw(classes, per, generator) for i in draw(by_class[c], samples_per_class, generator)]
+            for _ in range(max(1, len(labels) // batch_size))]
 
 
 def lr_at(step, total, warmup, base_lr):
@@ -264,12 +348,24 @@ def lr_at(step, total, warmup, base_lr):
     return 0.5 * base_lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train(model, split, args, *, device, autocast):
-    """AdamW over prompts (and head, biases); k-means mapping refreshed per epoch; a snapshot at each epoch end."""
+def optimizer(model, args):
+    """AdamW: --weight-decay on the prompts, --wd-head on the linear head's weight, none on biases and norms."""
+    decay = [model.proxy_prompts, model.other_prompts] + ([model.head.weight] if args.head == "linear" else [])
+    rest = [p for p in model.parameters() if p.requires_grad and all(p is not d for d in decay)]
+    groups = [{"params": [model.proxy_prompts, model.other_prompts], "weight_decay": args.weight_decay},
+              {"params": rest, "weight_decay": 0.0}]
+    if args.head == "linear":
+        groups.append({"params": [model.head.weight], "weight_decay": args.wd_head})
+    return torch.optim.AdamW(groups, lr=args.lr)
+
+
+def train(model, split, args, *, device, autocast, score):
+    """AdamW over prompts (and head, biases); k-means mapping refreshed per epoch; a snapshot at each epoch end.
+    score() -> {test: accuracy} runs after every epoch from --eval-after on: returns (mapping, best accuracies)."""
     C = len(split.classnames)
     g = torch.Generator().manual_seed(args.seed)
     labels = [it.label for it in split.train]
-    transform = data.transform(model.clip.visual.input_resolution, train=True, crop_scale=split.crop_scale)
+    transform = split.train_transform(model.clip.visual.input_resolution)
     sub, seen = [], {}  # the initial mapping: the frozen encoder on up to --kmeans-images images per class
     for i, c in enumerate(labels):
         if seen.get(c, 0) < args.kmeans_images:
@@ -280,18 +376,13 @@ def train(model, split, args, *, device, autocast):
         means = class_means(model.clip.encode_image, images, C, device)
     mapping, cent = initial_mapping(means, model.M_g, args.seed)
     mapping = mapping.to(device)
-    decay = [model.proxy_prompts, model.other_prompts] + ([model.head.weight] if args.head == "linear" else [])
-    rest = [p for p in model.parameters() if p.requires_grad and all(p is not d for d in decay)]
-    groups = [{"params": [model.proxy_prompts, model.other_prompts], "weight_decay": args.weight_decay},
-              {"params": rest, "weight_decay": 0.0}]
-    if args.head == "linear":
-        groups.append({"params": [model.head.weight], "weight_decay": args.wd_head})
-    opt = torch.optim.AdamW(groups, lr=args.lr)
+    opt = optimizer(model, args)
     steps_per_epoch = max(1, len(labels) // args.batch_size)
     total, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
     start, state = evaluation.resume(args.out, model, opt) if args.resume else (0, {})
-    if state:  # the snapshot's class->prompt mapping
+    if state:  # the snapshot's class->prompt mapping and best accuracies so far
         mapping, cent = state["mapping"].to(device), state["centroids"]
+    best = state.get("best", {})
     step = start * steps_per_epoch
     for epoch in range(start, args.epochs):
         torch.manual_seed(args.seed * 1000 + epoch)  # each epoch's randomness from (seed, epoch): resumable exactly
@@ -299,8 +390,9 @@ def train(model, split, args, *, device, autocast):
         model.train()
         sums = torch.zeros(C, model.clip.visual.proj.shape[1], device=device)
         counts = torch.zeros(C, device=device)
+        sampler = balanced_batches(labels, args.batch_size, args.samples_per_class, g)
         batches = data.loader(split.train, transform, args.batch_size, train=True, num_workers=args.workers,
-                              seed=args.seed * 1000 + epoch, batch_sampler=balanced_batches(labels, args.batch_size, g))
+                              seed=args.seed * 1000 + epoch, batch_sampler=sampler)
         meter = evaluation.Meter()
         for images, y in tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
             images, y = images.to(device), y.to(device)
@@ -326,8 +418,10 @@ def train(model, split, args, *, device, autocast):
             new = torch.where(counts.cpu() > 0, new, mapping.cpu())  # classes not drawn this epoch keep their prompt
             if new.unique().numel() > 1:  # skipped if everything fell into one cluster, as the code
                 mapping, cent = new.to(device), new_cent
-        evaluation.snapshot(args.out, model, opt, epoch, mapping=mapping.cpu(), centroids=cent)
-    return mapping
+        if epoch + 1 > args.eval_after:  # the released code's model selection: the best epoch on the test set
+            best = {k: max(v, best.get(k, v)) for k, v in score().items()}
+        evaluation.snapshot(args.out, model, opt, epoch, mapping=mapping.cpu(), centroids=cent, best=best)
+    return mapping, best
 
 
 # ----------------------------------------------------------------------------------------------- evaluation and run
@@ -336,7 +430,7 @@ def evaluate(model, test, args, *, device, autocast):
     """Top-1 accuracy of the prompted encoder + head on one test set."""
     model.eval()
     correct = total = 0
-    transform = data.transform(model.clip.visual.input_resolution, train=False)
+    transform = test.transform(model.clip.visual.input_resolution)
     for images, y in tqdm(data.loader(test.items, transform, 100, train=False, num_workers=args.workers),
                           desc=f"{test.dataset} {test.part}", leave=False):
         with autocast():
@@ -347,41 +441,47 @@ def evaluate(model, test, args, *, device, autocast):
 
 
 def configure(args):
-    """The run's name: DA-VPT, DA-VPT+ (--tune-bias), and -texthead for CLIP's text head instead of the paper's."""
+    """The dataset's released config (else the default row) for every flag left unset; the run's name: DA-VPT, DA-VPT+
+    (--tune-bias), and -texthead for CLIP's text head instead of the paper's linear probe."""
+    evaluation.fill(args, PRESETS.get(args.dataset, PRESETS["default"]))
+    if not all(g.strip().lstrip("-").isdigit() for g in args.guided_layers.split(",")):
+        raise ValueError(f"--guided-layers takes block indices like 10,11 (got {args.guided_layers!r})")
     args.method = {"none": "davpt", "kv": "davpt+", "all": "davpt+all"}[args.tune_bias] + \
         ("-texthead" if args.head == "text" else "")
 
 
 def run(args):
     """One run (one dataset, one seed): train the prompts (and head), then score every test set the head can score."""
-    split = data.prepare(args.dataset, args.root, shots="all" if args.vtab1k else args.shots, seed=args.seed,
-                         setting=args.setting, targets=args.targets, download=args.download)
-    if args.vtab1k:  # train on 800 images of the full train split, report the 200 held out as "val"
-        split.train, val_items = data.vtab1k(split.train, args.seed)
-        split.tests["val"] = data.TestSet(name="val", dataset=split.dataset, part="val", items=val_items,
-                                          classnames=split.classnames, template=split.template)
+    split = data.prepare_for(args)
     clip_model, device, autocast = evaluation.start_run(args, split)
-    text_weights = evaluation.zeroshot_weights(clip_model, split.classnames, split.template, device) \
-        if args.head == "text" else None
-    model = DAVPT(clip_model, len(split.classnames), DAVPTConfig.from_args(args), text_weights).to(device)
+    heads = {name: evaluation.zeroshot_weights(clip_model, test.classnames, test.template, device)
+             for name, test in split.tests.items()} if args.head == "text" else {}  # (C, E) each, frozen
+    model = DAVPT(clip_model, len(split.classnames), DAVPTConfig.from_args(args), heads.get(next(iter(split.tests))))
+    model = model.to(device)
     n_train = evaluation.show_trainable(model)
     print(f"trainable parameters: {100 * n_train / sum(p.numel() for p in clip_model.visual.parameters()):.3f}% "
           f"of the image encoder")
+    scored = {name: test for name, test in split.tests.items()  # the linear head knows only the training classes
+              if args.head == "text" or test.classnames == split.classnames}
+
+    def score():
+        for name, test in scored.items():
+            if args.head == "text":
+                model.text_weights = heads[name]
+            yield name, evaluate(model, test, args, device=device, autocast=autocast)
+    best = {}
     if args.eval_only:
         evaluation.load_checkpoint(args.out, model)
     else:
-        mapping = train(model, split, args, device=device, autocast=autocast)
+        mapping, best = train(model, split, args, device=device, autocast=autocast, score=lambda: dict(score()))
         evaluation.save_checkpoint(args.out, model, split, mapping=mapping.cpu())
-    accs = {}
-    for name, test in split.tests.items():
-        if args.head == "linear" and test.classnames != split.classnames:
-            print(f"skip '{name}': the linear head knows only the training classes (use --head text for new classes)")
-            accs[name] = None
-            continue
-        if args.head == "text":
-            model.text_weights = evaluation.zeroshot_weights(clip_model, test.classnames, test.template, device).float()
-        accs[name] = evaluate(model, test, args, device=device, autocast=autocast)
-    return evaluation.results(split, accs, trainable_params=n_train)
+    accs = {name: None for name in split.tests} | dict(score())
+    skipped = sorted(set(split.tests) - set(scored))
+    if skipped:
+        print(f"not scored: {skipped} (the linear head knows only the training classes; --head text scores new ones)")
+    named = {"all": "acc", "base": "base_acc", "new": "new_acc"}
+    return evaluation.results(split, accs, trainable_params=n_train,
+                              **{f"{named.get(k, k + '_acc')}_best_epoch": v for k, v in best.items()})
 
 
 def main(argv=None):

@@ -270,7 +270,7 @@ def step_loss(sempt, model, features, labels, autocast):
 # Copied from coop.py: train
 def train(module, model, split, args, *, device, autocast):
     """SGD over the module's trainable tensors with Dassl's schedule; one line per epoch; a snapshot at each end."""
-    transform = data.transform(model.visual.input_resolution, train=True, crop_scale=split.crop_scale)
+    transform = split.train_transform(model.visual.input_resolution)
     batches = data.training_batches(model, split.train, transform, args.batch_size, seed=args.seed, device=device,
                                     autocast=autocast, views=args.cache_views, store=evaluation.store_dir(args),
                                     dataset=args.dataset, num_workers=args.workers)

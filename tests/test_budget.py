@@ -9,7 +9,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["coop.py", "capt.py", "sempt.py", "davpt.py"]
-BUDGET = {"coop.py": 200, "capt.py": 380, "sempt.py": 360, "davpt.py": 420}  # lines; the plumbing is in data/eval
+# Lines; the plumbing is in data.py / eval.py. davpt.py also carries the table of DA-VPT's 21 released configs, capt.py
+# the released CoCoOp that its condition study compares with.
+BUDGET = {"coop.py": 200, "capt.py": 400, "sempt.py": 360, "davpt.py": 500}
 
 
 def lines(path):

@@ -146,3 +146,39 @@ def test_condition_none_without_margin_is_coop(tiny, tmp_path):
     reference = torch.load(tmp_path / "coop" / "checkpoint.pt", weights_only=True)["trainable"]["ctx"]
     assert torch.allclose(ours, reference, atol=1e-6) and not torch.equal(reference, coop.PromptLearner(
         clip.load(str(tiny / "clip.pt"))[0], NAMES).ctx.detach())
+
+
+def test_image_condition_is_the_released_cocoop(tiny):
+    """--condition image = CoCoOp (CaPT's base_trainers/cocoop.py): its recipe, Linear-ReLU-Linear with PyTorch's init,
+    and a plain cross-entropy over per-image prompts ctx + meta(normalised image feature), built here by hand."""
+    _, (args,) = evaluation.plan(capt.parser, capt.configure, ["--condition", "image"])
+    assert (args.method, args.batch_size, args.lr, args.epsilon, args.dropout, args.scale, args.hidden) == \
+        ("cocoop", 1, 0.002, 0.0, 0.0, 1.0, 32)
+    _, (mine,) = evaluation.plan(capt.parser, capt.configure, ["--condition", "image", "--batch-size", "4"])
+    assert mine.batch_size == 4 and mine.lr == 0.002  # a flag still overrides the preset
+    model, module, cfg = make(tiny, ["--condition", "image"])
+    meta = module.meta
+    assert isinstance(meta.activation, torch.nn.ReLU) and meta.down.out_features == 32 and meta.dropout.p == 0.0
+    assert meta.down.weight.abs().max() <= 1 / math.sqrt(meta.down.in_features)  # PyTorch's init, not U(1/sqrt(32))
+    f, labels = model.encode_image(torch.randn(3, 3, 32, 32)), torch.tensor([0, 3, 4])
+    loss, logits = capt.step_loss(module, model, f, labels, OFF)
+    learner = coop.PromptLearner(model, NAMES)
+    reference = []
+    for fb in F.normalize(f, dim=-1):  # CoCoOp: every image gets its own context
+        with torch.no_grad():
+            learner.ctx.copy_(module.prompt_learner.ctx + meta.up(torch.relu(meta.down(fb))))
+        reference.append(model.logit_scale.exp() * fb @ coop.text_features(model, learner, OFF).t())
+    reference = torch.stack(reference)  # (B, C)
+    assert torch.allclose(logits, reference, atol=1e-4)
+    assert loss.item() == pytest.approx(F.cross_entropy(reference, labels).item(), abs=1e-5)
+    with pytest.raises(SystemExit):  # CoCoOp has no KgCoOp variant
+        evaluation.plan(capt.parser, capt.configure, ["--condition", "image", "--base", "kgcoop"])
+
+
+def test_kgcoop_target_uses_kgcoops_own_dtd_template(tiny):
+    model, module, cfg = make(tiny, ["--base", "kgcoop"])
+    module.set_classnames(model, NAMES, OFF, template="{} texture.", kg_template=capt.KGCOOP_TEMPLATES["dtd"])
+    encode = lambda template: model.encode_text(clip.tokenize([template.format(c) for c in NAMES]))  # noqa: E731
+    assert capt.KGCOOP_TEMPLATES["dtd"] == "a photo of a {}, a type of texture."
+    assert torch.allclose(module.kg_target, encode("a photo of a {}, a type of texture."), atol=1e-5)
+    assert torch.allclose(module.tci, encode("{} texture."), atol=1e-5)  # the TCI keeps CoOp's DTD template

@@ -71,3 +71,25 @@ def test_main_trains_then_eval_only_reproduces(tiny, tmp_path):
     again = coop.main(argv + ["--eval-only"])
     assert (again["base_acc"], again["new_acc"]) == (trained["base_acc"], trained["new_acc"])
     assert trained["base_classnames"] == sorted(NAMES)[:3] and trained["new_classnames"] == sorted(NAMES)[3:]
+
+
+def test_zero_shot_uses_each_datasets_own_template(tiny, tmp_path, monkeypatch):
+    """coop.py --epochs 0 (the papers' zero-shot row) scores DTD with "{} texture.", not the learned prompt's init."""
+    import data
+    import eval as evaluation
+    split = {"train": [[f"{c}/{i}.png", y, c] for y, c in enumerate(["banded", "dotted"]) for i in range(2)], "val": [],
+             "test": [[f"{c}/t{i}.png", y, c] for y, c in enumerate(["banded", "dotted"]) for i in range(3)]}
+    from conftest import write_images
+    write_images([tmp_path / "dtd/images" / p for s in split.values() for p, _, _ in s])
+    (tmp_path / "dtd/split_zhou_DescribableTextures.json").write_text(__import__("json").dumps(split))
+    seen = []
+    real = evaluation.accuracy
+    monkeypatch.setattr(evaluation, "accuracy", lambda logits, labels: seen.append(logits) or real(logits, labels))
+    coop.main(["--dataset", "dtd", "--root", str(tmp_path), "--backbone", str(tiny / "clip.pt"), "--epochs", "0",
+               "--setting", "fewshot", "--shots", "1", "--device", "cpu", "--workers", "0", "--store", "none",
+               "--out", str(tmp_path / "run")])
+    model, _ = clip.load(str(tiny / "clip.pt"))
+    weights = F.normalize(model.encode_text(clip.tokenize(["banded texture.", "dotted texture."])), dim=-1)
+    test = data.prepare("dtd", tmp_path, shots=1, seed=1, setting="fewshot").tests["all"]
+    images = torch.stack([test.transform(32)(__import__("PIL.Image").Image.open(p).convert("RGB")) for p, _, _ in test.items])
+    assert torch.allclose(seen[0], F.normalize(model.encode_image(images), dim=-1) @ weights.t(), atol=1e-5)
