@@ -134,3 +134,16 @@ def test_runs_are_assigned_by_expected_cost_not_by_count():
     assert evaluation.assign([1, 1, 1, 1], 2) == [0, 1, 0, 1]
     zero_shot = evaluation.plan(coop.parser, coop.configure, ["--dataset", "dtd", "--epochs", "0"])[1][0]
     assert evaluation.expected_cost(zero_shot) == 1692  # nothing trained: its test images
+
+
+def test_resume_continues_only_unfinished_runs(tiny, tmp_path, capsys):
+    """--resume (the same command again after a kill) reuses a finished run instead of evaluating it again."""
+    argv = ["--dataset", "folder", "--root", str(tiny / "ds"), "--backbone", str(tiny / "clip.pt"), "--shots", "2",
+            "--epochs", "1", "--device", "cpu", "--workers", "0", "--seed", "1", "2", "--out", str(tmp_path)]
+    first = coop.main(argv)
+    done = [Path(r) for r in sorted(map(str, tmp_path.rglob("results.json")))]
+    stamps = [p.stat().st_mtime_ns for p in done]
+    done[1].unlink()  # seed 2 was killed before it finished
+    again = coop.main(argv + ["--resume"])
+    assert "reusing it" in capsys.readouterr().out and done[0].stat().st_mtime_ns == stamps[0] and done[1].exists()
+    assert again[0] == first[0] and again[1]["base_acc"] == first[1]["base_acc"]
