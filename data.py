@@ -158,6 +158,28 @@ CROSS_TARGETS = ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers",
                  "dtd", "eurosat", "ucf101", "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
 IMAGENET_VARIANTS = ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
 
+# (classes, train images, test images) as published (CoOp's DATASETS.md and splits; the official test sets), so
+# that a run's cost can be estimated before any dataset is read (eval.expected_cost balances torchrun's ranks).
+SIZES = {"world": (32, 768, 1280), "caltech101": (100, 4128, 2465), "oxford_pets": (37, 2944, 3669),
+         "stanford_cars": (196, 6509, 8041), "oxford_flowers": (102, 4093, 2463), "food101": (101, 50500, 30300),
+         "sun397": (397, 15880, 19850), "dtd": (47, 2820, 1692), "eurosat": (10, 13500, 8100),
+         "ucf101": (101, 7639, 3783), "fgvc_aircraft": (100, 3334, 3333), "imagenet": (1000, 1281167, 50000),
+         "imagenetv2": (1000, 0, 10000), "imagenet_sketch": (1000, 0, 50889), "imagenet_a": (200, 0, 7500),
+         "imagenet_r": (200, 0, 30000), "cub": (200, 5994, 5794), "nabirds": (555, 23929, 24633),
+         "dogs": (120, 12000, 8580)}
+
+
+def dataset_size(name, root):
+    """(classes, train images, test images) of a dataset: the published sizes, counted for --dataset folder, and
+    (1, 1, 1) for a folder that cannot be read (its run reports why)."""
+    if name in SIZES:
+        return SIZES[name]
+    try:
+        ds = load_dataset(name, root)
+    except InputError:
+        return 1, 1, 1
+    return len(ds.classnames), len(ds.train), len(ds.test)
+
 
 def classname(name):
     """CoOp's prompt-time rule: underscores become spaces ('american_pit_bull_terrier', 'Apply_Eye_Makeup')."""
