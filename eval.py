@@ -563,7 +563,7 @@ def torchrun_ranks():
 def expected_cost(one):
     """A run's cost from its flags alone (published dataset sizes, nothing is read): the images its training
     encodes (epochs x training classes x shots) plus the test images it scores. The text side (C prompts per step
-    for prompt learners) grows with the classes too, so it keeps the runs in the same order."""
+    for prompt learners) is left out: it grows with the classes too, so the big runs stay big."""
     classes, train, test = data.dataset_size(one.dataset, one.root)
     trained = math.ceil(classes / 2) if one.setting == "base2new" else classes
     shots = train / classes if one.shots == "all" else one.shots
