@@ -1,5 +1,5 @@
 """The speed paths compute what the plain paths compute: the attention rule, the training step (eager, and the function
-a CUDA graph captures), --compile, and the weights' fingerprint kept per model.
+a CUDA graph captures), --compile, the weights' fingerprint kept per model, and bench.py's FLOP count.
 
 CUDA graphs cannot run on a CPU: here the graphed step runs its captured function on its static inputs (the same
 function, the same bookkeeping); the tests marked `cuda` replay real graphs against the eager step.
@@ -10,7 +10,9 @@ import hashlib
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
+import bench
 import capt
 import clip
 import coop
@@ -157,6 +159,23 @@ def test_compiled_blocks_compute_what_the_eager_ones_do():
                                                                                    generator=torch.Generator().manual_seed(0)))))
     for a, b in zip(*out):
         assert (a - b).abs().max() <= 1e-5 * max(1.0, a.abs().max().item())
+
+
+def test_bench_counts_the_text_encoders_flops_as_torch_does():
+    """bench.text_flops against torch's FlopCounterMode, which counts the matmuls autograd really runs: with frozen
+    weights the backward computes input gradients only."""
+    model = make_clip(transformer_layers=2, transformer_width=128, transformer_heads=2).requires_grad_(False)
+    tokens = clip.tokenize(["a photo of a cat.", "a dog", "one two three four five six"])
+    eot = tokens.argmax(-1)
+    T = int(eot.max()) + 1
+    for backward in (False, True):
+        emb = model.token_embedding(tokens[:, :T]).detach().requires_grad_(True)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            features = model.encode_token_embeddings(emb, eot)
+            if backward:
+                features.sum().backward()
+        assert bench.text_flops(model, T, 3, backward=backward) == counter.get_total_flops()
 
 
 @cuda
