@@ -301,17 +301,15 @@ def train(capt, model, split, args, *, device, autocast):
     if head:
         groups.append({"params": head, "base_lr": args.lr * args.cat_lr_mult})
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    step = evaluation.training_step(step_loss, capt, model, optimizer, autocast=autocast, cuda_graph=args.cuda_graph)
     start, _ = evaluation.resume(args.out, capt, optimizer) if args.resume else (0, {})
     for epoch in range(start, args.epochs):
         for group in optimizer.param_groups:  # the warm-up epoch sets every group to warmup_lr
             group["lr"] = evaluation.lr_at_epoch(epoch, group["base_lr"], args.epochs, args.warmup_lr)
         capt.train()
         meter = evaluation.Meter()
-        for features, labels in tqdm(batches(epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
-            loss, logits = step_loss(capt, model, features, labels, autocast=autocast)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        for inputs, labels in tqdm(batches(epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
+            loss, logits = step(inputs, labels)  # encode the images, step_loss, backward, SGD
             meter.add(loss, logits, labels)
         print(f"epoch {epoch + 1}/{args.epochs}  {meter.summary(epoch, optimizer.param_groups[0]['lr'])}")
         evaluation.snapshot(args.out, capt, optimizer, epoch)
@@ -365,6 +363,8 @@ def configure(args):
         raise ValueError("--condition image is CoCoOp, released on CoOp's context only; drop --base kgcoop")
     if args.decapt:
         args.base = "kgcoop"
+    if args.cuda_graph and args.condition == "image":
+        raise ValueError("--cuda-graph: the image condition's checkpointed chunks are not captured; drop --cuda-graph")
     evaluation.fill(args, PRESETS["decapt" if args.decapt else "cocoop" if args.condition == "image" else args.base])
     name = {"text": "capt", "none": "capt-none", "noise": "capt-noise", "image": "cocoop"}[args.condition]
     args.method = "decapt" if args.decapt else name if args.base == "coop" else f"kgcoop+{name}"

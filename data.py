@@ -605,7 +605,9 @@ def loader(items, transform, batch_size, train, num_workers=None, seed=None, bat
 
 def training_batches(model, items, transform, batch_size, *, seed, device, autocast, views=0, store=None, dataset="",
                      num_workers=None):
-    """epoch -> iterator over (raw image features (B, E), labels (B,)) of the few-shot training set, for text-side methods.
+    """epoch -> iterator over (inputs, labels (B,)) of the few-shot training set, for text-side methods: inputs are
+    images (B, 3, R, R) on the device, which the training step encodes (eval.training_step: so a CUDA graph can
+    hold the image encoder too), or raw image features (B, E) read from stored views.
 
     Every epoch draws its order and augmentations from a seed of its own (seed, epoch), the same for any number of
     workers: an interrupted run resumed at epoch e replays exactly what an uninterrupted one does.
@@ -625,16 +627,13 @@ def training_batches(model, items, transform, batch_size, *, seed, device, autoc
             images.generator.manual_seed(seed * 1000 + epoch)  # its order
             images.dataset.seed = seed * 1000 + epoch  # its augmentations
             for x, labels in images:
-                with torch.no_grad(), autocast():
-                    f = model.encode_image(x.to(device)).float()  # (B, E)
-                yield f, labels.to(device)
+                yield x.to(device), labels.to(device)  # (B, 3, R, R), (B,)
         return online
-    fingerprint = evaluation.model_fingerprint(model) if store else None
     cached = []
     for v in range(views):  # view v of every image: the train transform under a seed of its own
         cached.append(evaluation.stored_image_features(
             model, items, transform, dataset=dataset, part=f"train view {v}/{views} seed {seed}", store=store,
-            device=device, autocast=autocast, fingerprint=fingerprint, seed=seed * 1000 + 999 - v)[0])
+            device=device, autocast=autocast, seed=seed * 1000 + 999 - v)[0])
     feats = torch.stack(cached).to(device)  # (views, N, E)
     labels = torch.tensor([it.label for it in items], device=device)  # (N,)
     N = len(items)

@@ -1,5 +1,6 @@
-"""Everything that runs, records and scores: the shared run flags and multi-run `main`, device and precision, run
-folders, snapshots and resume, results and the papers' tables, the feature store, accuracy and H.
+"""Everything that runs, records and scores: the shared run flags and multi-run `main`, device and precision (and
+--compile), run folders, snapshots and resume, the text-side methods' training step (eager, or replayed from a CUDA
+graph with --cuda-graph), results and the papers' tables, the feature store, accuracy and H.
 
     python eval.py runs/            # every results.json below runs/ as the papers' tables
 
@@ -102,7 +103,12 @@ def parser(description, *, epochs, batch_size, lr, recipe, frozen_image_encoder=
     group.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint saved in --out, no training")
     group.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished epoch")
     group.add_argument("--force", action="store_true", help="redo runs that already have results.json")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the frozen encoders' transformer blocks (slow to start; pays off on a GPU)")
     if frozen_image_encoder:
+        group.add_argument("--cuda-graph", action="store_true",
+                           help="CUDA: capture each training step (image encoder, text forward and backward, SGD) in one "
+                                "CUDA graph and replay it; exact (same logits and updates as the eager step)")
         group.add_argument("--store", default="auto",
                            help="feature store for frozen image features (auto = <root>/.cache/features; none = off)")
         group.add_argument("--cache-views", type=natural, default=0,
@@ -121,7 +127,7 @@ def fill(args, preset):
 
 # Flags that cannot change a run's numbers: they never name a run folder nor stop the reuse of a finished run.
 NEUTRAL = {"device", "workers", "store", "out", "force", "resume", "eval_only", "download", "cache_dir", "chunk",
-           "variant"}  # (variant is derived from the others)
+           "compile", "cuda_graph", "variant"}  # (variant is derived from the others; compile changes rounding only)
 IN_PATH = {"method", "setting", "dataset", "shots", "seed"}  # runs/<method>/<setting>/<dataset>/shots<k>_seed<s>
 # --root is left out of folder names (every real run sets it); a finished run under another --root is still not reused.
 UNNAMED = NEUTRAL | IN_PATH | {"root"}
@@ -179,6 +185,8 @@ def plan(parser, configure, argv=None):
         parser.error(f"unknown dataset(s) {unknown}; choose from {sorted(data.DATASETS)} or 'folder'")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch sees no CUDA device here; use --device cpu (or auto)")
+    if getattr(args, "cuda_graph", False) and not device_and_autocast(args.device, "fp32")[0].startswith("cuda"):
+        parser.error("--cuda-graph needs a CUDA device (--device cuda)")
     if args.backbone != "auto" and args.backbone not in clip.available_models() and \
             not Path(args.backbone).expanduser().is_file():
         parser.error(f"--backbone {args.backbone!r} is neither a file nor one of {clip.available_models()}")
@@ -321,7 +329,17 @@ def start_run(args, split):
     except (RuntimeError, KeyError, ValueError) as e:  # clip.load's own messages: no network, bad file, not a ViT
         raise data.InputError(f"--backbone {args.backbone}: {e}") from e
     model.requires_grad_(False)  # CLIP stays frozen; a method unfreezes what it trains
-    return model, device, autocast
+    return (compile_encoders(model) if args.compile else model), device, autocast
+
+
+def compile_encoders(model, backend="inductor"):
+    """--compile: torch.compile the forward of every transformer block of both encoders, in place. Blocks of one
+    width share one compiled graph; text blocks run the math attention (the rule in clip/model.py), which inductor
+    fuses. DA-VPT runs the blocks' parts itself, so only its frozen calls (k-means features) are compiled."""
+    for block in model.modules():
+        if isinstance(block, clip.model.ResidualAttentionBlock):
+            block.compile(backend=backend)
+    return model
 
 
 def show_trainable(module):
@@ -419,6 +437,83 @@ class Meter:
         return f"loss {loss:.4f}  train acc {100 * int(self.correct) / max(1, self.seen):.1f}  lr {lr:.2e}"
 
 
+def training_step(step_loss, module, model, optimizer, *, autocast, cuda_graph=False):
+    """step(inputs, labels) -> (loss, logits): one SGD step of a text-side method. inputs are images (B, 3, R, R),
+    which the frozen image encoder encodes first, or stored features (B, E) (--cache-views); step_loss(module,
+    model, features, labels, autocast) is the method's loss. cuda_graph: the same function, captured (GraphedStep)."""
+    def step(inputs, labels):
+        if inputs.dim() == 4:  # images: the frozen image encoder, no gradient
+            with torch.no_grad(), autocast():
+                inputs = model.encode_image(inputs).float()  # (B, E)
+        loss, logits = step_loss(module, model, inputs, labels, autocast=autocast)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss, logits
+    return GraphedStep(step, optimizer) if cuda_graph else step
+
+
+class GraphedStep:
+    """A training step (forward, backward and optimizer step of one batch) captured in one CUDA graph and replayed:
+    one launch instead of hundreds of small kernels (the step at C = 100 classes is launch-bound).
+
+    Exact: a replay runs the kernels the eager step launches, with the same arguments, so it gives the same logits
+    and the same updates. What a graph cannot do, and what this class does about it:
+    - Python values are frozen at capture. The learning rate is one of them (SGD's foreach kernels take it as a host
+      scalar; a tensor lr is read back to the host), so the step is captured again whenever a group's lr differs from
+      the captured one: once per epoch under Dassl's schedule (a per-step schedule would recapture every step).
+    - Lazy state: the first `warmup` steps of each batch shape run eagerly, on a side stream as CUDA asks before a
+      capture (and --compile compiles there, never inside a capture). They are real training steps and create SGD's
+      momentum buffers, which the graph then updates in place. A batch of another shape is captured anew.
+    - Fixed addresses: each batch is copied into static inputs; the loss and logits returned are the graph's own
+      tensors, overwritten by the next step (read them before, as the Meter does).
+    - The module must not change between steps (a new class list, train/eval): nothing in a training loop does.
+    - Randomness (CaPT's dropout) draws from the CUDA generator's graph-safe state, the same numbers as eagerly.
+    Without CUDA (the tests) there is no graph: the same function runs on the static inputs.
+    """
+
+    def __init__(self, step, optimizer, warmup=3):
+        self.step, self.optimizer, self.warmup = step, optimizer, warmup
+        self.calls, self.key, self.graph, self.static, self.out, self.captures = {}, None, None, None, None, 0
+
+    def __call__(self, inputs, labels):
+        shapes = (inputs.shape, labels.shape)
+        self.calls[shapes] = self.calls.get(shapes, 0) + 1
+        if self.calls[shapes] <= self.warmup:
+            return self.eager(inputs, labels)
+        key = (shapes, [group["lr"] for group in self.optimizer.param_groups])
+        if key != self.key:
+            self.capture(inputs, labels)
+            self.key = key
+        else:
+            self.static[0].copy_(inputs)
+            self.static[1].copy_(labels)
+        if self.graph is None:  # no CUDA: the captured function itself
+            return self.step(*self.static)
+        self.graph.replay()
+        return self.out
+
+    def eager(self, inputs, labels):
+        if not inputs.is_cuda:
+            return self.step(inputs, labels)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = self.step(inputs, labels)
+        torch.cuda.synchronize()  # the outputs were made on the side stream; nothing may reuse their memory early
+        return out
+
+    def capture(self, inputs, labels):
+        self.graph, self.out = None, None  # free the previous capture's memory first
+        self.static = (inputs.clone(), labels.clone())
+        self.captures += 1
+        if inputs.is_cuda:
+            self.optimizer.zero_grad(set_to_none=True)  # backward then allocates the gradients from the graph's pool
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records the kernels without running them; replay runs them
+                self.out = self.step(*self.static)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Scoring and features.
 
@@ -469,13 +564,23 @@ def stored_test_features(model, test, args, device, autocast):
     return f.to(device), labels.to(device)
 
 
-def model_fingerprint(model, keep=lambda name: name.startswith("visual.")):
-    """sha256 over the weights whose names pass `keep` (default: the image encoder's): the backbone part of a key."""
+def model_fingerprint(model, part="visual"):
+    """sha256 over the image encoder's weights (part "visual") or over the rest, the text side (part "text"): the
+    backbone part of a store key. Computed once per loaded model and kept on it (hashing the weights can cost as much
+    as encoding a test set on a GPU): the encoders are frozen, so their weights cannot change. A part with a
+    trainable tensor (DA-VPT's tuned biases) is hashed afresh on every call."""
+    keep = (lambda name: name.startswith("visual.")) if part == "visual" else (lambda name: not name.startswith("visual."))
+    frozen = not any(p.requires_grad for name, p in model.named_parameters() if keep(name))
+    known = model.__dict__.setdefault("fingerprints", {})  # {part: sha256}
+    if frozen and part in known:
+        return known[part]
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         if keep(name):
             h.update(name.encode())
             h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    if frozen:
+        known[part] = h.hexdigest()
     return h.hexdigest()
 
 

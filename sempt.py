@@ -123,7 +123,7 @@ def load_descriptions(path, classnames):
 def attribute_embeddings(model, attributes, descriptions, cache_dir, autocast, chunk=256):
     """{class: (K, E)}: per attribute, the mean of its J sentences' normalised features, normalised. Cached on disk."""
     names = list(descriptions)
-    text_weights = evaluation.model_fingerprint(model, keep=lambda name: not name.startswith("visual."))
+    text_weights = evaluation.model_fingerprint(model, part="text")
     key = hashlib.sha256(json.dumps([text_weights, attributes, descriptions], sort_keys=True).encode()).hexdigest()
     path = Path(cache_dir) / f"sempt_attributes_{key[:32]}.pt"
     if path.exists():
@@ -275,17 +275,15 @@ def train(module, model, split, args, *, device, autocast):
                                     autocast=autocast, views=args.cache_views, store=evaluation.store_dir(args),
                                     dataset=args.dataset, num_workers=args.workers)
     optimizer = torch.optim.SGD(module.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    step = evaluation.training_step(step_loss, module, model, optimizer, autocast=autocast, cuda_graph=args.cuda_graph)
     start, _ = evaluation.resume(args.out, module, optimizer) if args.resume else (0, {})
     for epoch in range(start, args.epochs):
         lr = evaluation.lr_at_epoch(epoch, args.lr, args.epochs, args.warmup_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         meter = evaluation.Meter()
-        for features, labels in tqdm(batches(epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
-            loss, logits = step_loss(module, model, features, labels, autocast=autocast)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        for inputs, labels in tqdm(batches(epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
+            loss, logits = step(inputs, labels)  # encode the images, step_loss, backward, SGD
             meter.add(loss, logits, labels)
         print(f"epoch {epoch + 1}/{args.epochs}  {meter.summary(epoch, lr)}")
         evaluation.snapshot(args.out, module, optimizer, epoch)
