@@ -584,10 +584,17 @@ def model_fingerprint(model, part="visual"):
     return h.hexdigest()
 
 
-def store_key(fingerprint, dataset, part, transform, files):
+def precision_of(autocast):
+    """The dtype the encoders compute in under an autocast factory: part of a feature-store key (bf16 features are
+    not fp32 ones)."""
+    context = autocast()
+    return str(context.fast_dtype).removeprefix("torch.") if context._enabled else "fp32"
+
+
+def store_key(fingerprint, dataset, part, transform, files, precision="fp32"):
     """One hash over everything the features depend on: change any part and the stored file no longer matches."""
     parts = {"backbone": fingerprint, "dataset": dataset, "split": part, "transform": repr(transform),
-             "files": [str(f) for f in files]}
+             "files": [str(f) for f in files], "precision": precision}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -640,7 +647,8 @@ def stored_image_features(model, items, transform, *, dataset, part, store, devi
         return image_features(model, loader, device, autocast, desc=f"{dataset} {part}")
     if not store:
         return compute()
-    key = store_key(fingerprint or model_fingerprint(model), dataset, part, transform, [it.path for it in items])
+    key = store_key(fingerprint or model_fingerprint(model), dataset, part, transform, [it.path for it in items],
+                    precision=precision_of(autocast))
     return cached_image_features(store, key, compute)
 
 
@@ -825,7 +833,8 @@ def shard_features(jobs, rank, world, local_rank):
         model, fingerprint = models[one.backbone]
         for test in split.tests.values():
             transform = test.transform(model.visual.input_resolution)
-            key = store_key(fingerprint, test.dataset, test.part, transform, [it.path for it in test.items])
+            key = store_key(fingerprint, test.dataset, test.part, transform, [it.path for it in test.items],
+                            precision=precision_of(autocast))
             if not test.items or all(_gather((store_dir(one) / f"{key}.pt").exists())):
                 continue
             features, labels = sharded_image_features(model, test.items, transform, rank=rank, world=world,

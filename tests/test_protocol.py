@@ -158,6 +158,10 @@ def test_feature_store_keys_invalidation_and_corruption(tmp_path):
     for changed in [("abd", "dtd", "test", "T", ["a.jpg", "b.jpg"]), ("abc", "dtd", "val", "T", ["a.jpg", "b.jpg"]),
                     ("abc", "dtd", "test", "T2", ["a.jpg", "b.jpg"]), ("abc", "dtd", "test", "T", ["a.jpg"])]:
         assert evaluation.store_key(*changed) != key
+    assert evaluation.store_key("abc", "dtd", "test", "T", ["a.jpg", "b.jpg"], precision="bfloat16") != key
+    bf16 = evaluation.device_and_autocast("cpu", "bf16")[1]
+    assert evaluation.precision_of(bf16) == "bfloat16" and evaluation.precision_of(lambda: bf16().__class__(
+        "cpu", enabled=False)) == "fp32"
     (tmp_path / f"{key}.pt").write_bytes(b"garbage")
     f3, _ = evaluation.cached_image_features(tmp_path, key, compute)
     assert len(calls) == 2 and not torch.equal(f1, f3)  # rebuilt
