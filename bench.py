@@ -246,11 +246,12 @@ def method_steps(model, C, autocast, device, batch=4):
     return steps, labels
 
 
-def bench_methods(name, C, variants, *, autocast, device, repeats, peak):
-    """{method: {variant: seconds per training step}}, FLOPs per step, and notes, on C classes at batch 4."""
+def bench_methods(models, C, variants, *, autocast, device, repeats, peak):
+    """{method: {variant: seconds per training step}}, FLOPs per step, and notes, on C classes at batch 4.
+    models: {"eager": model, "compile": its compiled twin}."""
     times, flops, notes = {}, {}, {}
     for variant in variants:
-        model = build(name, device, variant)
+        model = models["compile" if "compile" in variant else "eager"]
         steps, labels = method_steps(model, C, autocast, device)
         if variant == "eager":  # before any step trains the two prompts apart
             with torch.no_grad():
@@ -273,7 +274,7 @@ def bench_methods(name, C, variants, *, autocast, device, repeats, peak):
                 flops[label] = counted_flops(lambda: step(inputs, labels))
             warmup = 5 if "graph" in variant else 2 if "compile" in variant else 1  # graphs: 3 eager, capture, replay
             times.setdefault(label, {})[variant] = timeit(lambda: step(inputs, labels), repeats, device, warmup=warmup)
-        del model, steps
+        del steps
         if device == "cuda":
             torch.cuda.empty_cache()
     return times, flops, notes
@@ -466,19 +467,19 @@ def main(argv=None):
     sections = args.sections.split(",")
     for name in backbones:
         print(f"\n## {name} (random weights)")
+        model = build(name, device)
+        compiled = build(name, device, "compile") if any("compile" in v for v in variants) else None
         if "methods" in sections:
             for C in classes:
-                results = bench_methods(name, C, variants, autocast=autocast, device=device, repeats=repeats, peak=peak)
+                results = bench_methods({"eager": model, "compile": compiled}, C, variants, autocast=autocast,
+                                        device=device, repeats=repeats, peak=peak)
                 print_methods(C, variants, results, peak)
-            model = build(name, device)
             batch = 8 if device == "cpu" else 32
             vpt, da = bench_davpt(model, autocast, device, repeats=repeats, batch=batch)
             print(f"\nDA-VPT step, batch {batch}: VPT-deep {1e3 * vpt:.0f} ms, DA-VPT {1e3 * da:.0f} ms ({da / vpt:.2f}x)")
-        model = build(name, device)
         if "text" in sections:
             print("\ntext encoder forward + backward (frozen weights, the prompts need gradients); TFLOP/s counted as "
                   "2x the weight matmuls + 3x the attention matmuls of the forward (bench.text_flops)\n")
-            compiled = build(name, device, "compile") if "compile" in variants else None
             print("| C | 77 tokens (ms) | truncated (ms) | T | speed-up | max |diff| | truncated |"
                   + (" compiled (ms) | compiled |" if compiled else ""))
             print("|---|---|---|---|---|---|---|" + ("---|---|" if compiled else ""))
@@ -501,7 +502,7 @@ def main(argv=None):
             ips = bench_image(model, autocast, device, repeats=repeats, batch=batch)
             print(f"\nimage encoder, batch {batch}: math {ips['math']:.1f} images/s, sdpa {ips['sdpa']:.1f} images/s")
         print(f"peak memory: {peak_memory_mb(device):.0f} MiB")
-        del model
+        del model, compiled
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

@@ -108,7 +108,7 @@ def parser(description, *, epochs, batch_size, lr, recipe, frozen_image_encoder=
     if frozen_image_encoder:
         group.add_argument("--cuda-graph", action="store_true",
                            help="CUDA: capture each training step (image encoder, text forward and backward, SGD) in one "
-                                "CUDA graph and replay it; exact (same logits and updates as the eager step)")
+                                "CUDA graph and replay it: the eager step's kernels and arguments, so its logits and updates")
         group.add_argument("--store", default="auto",
                            help="feature store for frozen image features (auto = <root>/.cache/features; none = off)")
         group.add_argument("--cache-views", type=natural, default=0,
@@ -457,8 +457,9 @@ class GraphedStep:
     """A training step (forward, backward and optimizer step of one batch) captured in one CUDA graph and replayed:
     one launch instead of hundreds of small kernels (the step at C = 100 classes is launch-bound).
 
-    Exact: a replay runs the kernels the eager step launches, with the same arguments, so it gives the same logits
-    and the same updates. What a graph cannot do, and what this class does about it:
+    Exact by construction: a replay runs the kernels the eager step launches, with the same arguments, so it gives the
+    same logits and updates (tests/test_speed.py: on a CPU, the captured function against the eager step bit for bit;
+    on CUDA, real replays against eager steps). What a graph cannot do, and what this class does about it:
     - Python values are frozen at capture. The learning rate is one of them (SGD's foreach kernels take it as a host
       scalar; a tensor lr is read back to the host), so the step is captured again whenever a group's lr differs from
       the captured one: once per epoch under Dassl's schedule (a per-step schedule would recapture every step).
@@ -468,7 +469,8 @@ class GraphedStep:
     - Fixed addresses: each batch is copied into static inputs; the loss and logits returned are the graph's own
       tensors, overwritten by the next step (read them before, as the Meter does).
     - The module must not change between steps (a new class list, train/eval): nothing in a training loop does.
-    - Randomness (CaPT's dropout) draws from the CUDA generator's graph-safe state, the same numbers as eagerly.
+    - Randomness (CaPT's dropout) draws from the CUDA generator's graph-safe state: each replay advances its offset
+      as the eager step would.
     Without CUDA (the tests) there is no graph: the same function runs on the static inputs.
     """
 

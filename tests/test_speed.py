@@ -94,9 +94,9 @@ def run_steps(method, kind, batches, device="cpu"):
     model = make_clip().requires_grad_(False).to(device)
     step_loss, module, optimizer = make_method(method, model, device)
     if kind == "loop":
-        def step(images, labels):
+        def step(inputs, labels):  # images (B, 3, R, R), or stored features (B, E) with --cache-views
             with torch.no_grad():
-                features = model.encode_image(images).float()
+                features = model.encode_image(inputs).float() if inputs.dim() == 4 else inputs
             loss, logits = step_loss(module, model, features, labels, autocast=off)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -117,15 +117,18 @@ def run_steps(method, kind, batches, device="cpu"):
     return record, step
 
 
-def batches(sizes):
+def batches(sizes, features=False):
+    """Random images (B, 3, 32, 32), or stored features (B, E) as --cache-views yields them, and labels."""
     g = torch.Generator().manual_seed(5)
-    return [(torch.randn(n, 3, 32, 32, generator=g), torch.randint(3, (n,), generator=g)) for n in sizes]
+    shape = (32,) if features else (3, 32, 32)
+    return [(torch.randn(n, *shape, generator=g), torch.randint(3, (n,), generator=g)) for n in sizes]
 
 
-@pytest.mark.parametrize("method,sizes,captures", [("coop", (4, 4, 4, 4, 3, 3, 3, 3), 4), ("capt", (4,) * 4, 2),
-                                                    ("decapt", (4,) * 4, 2), ("sempt", (4,) * 4, 2)])
-def test_training_step_and_its_captured_function_equal_the_loop_bit_for_bit(method, sizes, captures):
-    data = batches(sizes)
+@pytest.mark.parametrize("method,sizes,captures,features", [
+    ("coop", (4, 4, 4, 4, 3, 3, 3, 3), 4, False), ("coop", (4,) * 4, 2, True), ("capt", (4,) * 4, 2, False),
+    ("decapt", (4,) * 4, 2, False), ("sempt", (4,) * 4, 2, False)])
+def test_training_step_and_its_captured_function_equal_the_loop_bit_for_bit(method, sizes, captures, features):
+    data = batches(sizes, features)
     loop, _ = run_steps(method, "loop", data)
     eager, _ = run_steps(method, "eager", data)
     graphed, step = run_steps(method, "graphed", data)
@@ -147,7 +150,7 @@ def test_compiled_blocks_compute_what_the_eager_ones_do():
     """The graph torch.compile traces (aot_eager: the traced forward and backward, run by PyTorch; inductor's code
     generation takes minutes on a CPU and runs in the CUDA test) gives the eager features and prompt gradients."""
     eager, compiled = make_clip(), evaluation.compile_encoders(make_clip(), backend="aot_eager")
-    tokens = clip.tokenize(["a photo of a cat.", "a dog"])
+    tokens, images = clip.tokenize(["a photo of a cat.", "a dog"]), torch.randn(2, 3, 32, 32)
     eot = tokens.argmax(-1)
     out = []
     for model in (eager, compiled):
@@ -155,8 +158,7 @@ def test_compiled_blocks_compute_what_the_eager_ones_do():
         features = model.encode_token_embeddings(emb, eot)
         features.pow(2).sum().backward()
         with torch.no_grad():
-            out.append((features.detach(), emb.grad, model.encode_image(torch.randn(2, 3, 32, 32,
-                                                                                   generator=torch.Generator().manual_seed(0)))))
+            out.append((features.detach(), emb.grad, model.encode_image(images)))
     for a, b in zip(*out):
         assert (a - b).abs().max() <= 1e-5 * max(1.0, a.abs().max().item())
 
