@@ -1,8 +1,9 @@
 """Everything that produces inputs: datasets, the papers' protocols, CLIP's transforms, loaders, training batches.
 
 Datasets are read from their published layouts (CoOp's split files and folders for the 11 prompt-tuning datasets
-and the ImageNet variants; the official files of CUB-200-2011, NABirds and Stanford Dogs for DA-VPT), from a
-folder of your own (--dataset folder), or from the built-in world (world.py).
+and the ImageNet variants; for DA-VPT, VPT's split files in the official folders of CUB-200-2011, NABirds, Stanford
+Dogs, Stanford Cars and Oxford Flowers, and VTAB-1k in NOAH's layout), from a folder of your own (--dataset folder),
+or from the built-in world (world.py).
 
 Protocol (CoCoOp, identical in CaPT/DePT): seed -> k shots per class over ALL classes of the train split ->
 base = first ceil(n/2) sorted labels, new = the rest -> relabel 0..k-1. Test sets keep every test image of the

@@ -465,17 +465,23 @@ def run(args):
               if args.head == "text" or test.classnames == split.classnames}
 
     def score():
+        """{test: accuracy}; with the text head each test set swaps in its own classes, then the training head is put back."""
+        train_head = getattr(model, "text_weights", None)
+        accs = {}
         for name, test in scored.items():
             if args.head == "text":
                 model.text_weights = heads[name]
-            yield name, evaluate(model, test, args, device=device, autocast=autocast)
+            accs[name] = evaluate(model, test, args, device=device, autocast=autocast)
+        if args.head == "text":
+            model.text_weights = train_head  # training goes on against the training classes
+        return accs
     best = {}
     if args.eval_only:
         evaluation.load_checkpoint(args.out, model)
     else:
-        mapping, best = train(model, split, args, device=device, autocast=autocast, score=lambda: dict(score()))
+        mapping, best = train(model, split, args, device=device, autocast=autocast, score=score)
         evaluation.save_checkpoint(args.out, model, split, mapping=mapping.cpu())
-    accs = {name: None for name in split.tests} | dict(score())
+    accs = {name: None for name in split.tests} | score()
     skipped = sorted(set(split.tests) - set(scored))
     if skipped:
         print(f"not scored: {skipped} (the linear head knows only the training classes; --head text scores new ones)")

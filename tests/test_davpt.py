@@ -178,6 +178,24 @@ def test_main_end_to_end(tmp_path, head):
     assert again[acc] == res[acc]
 
 
+def test_evaluating_during_training_leaves_training_unchanged(tmp_path):
+    """Scoring the new classes after an epoch must put the training classes' text head back before training goes on:
+    with evaluation after every epoch (--eval-after 0) or only at the end (--eval-after 3) the prompts are the same."""
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(tiny_clip().state_dict(), ckpt)
+    root = write_fixture(tmp_path)
+    trained = []
+    for eval_after in ("0", "3"):
+        out = tmp_path / f"out{eval_after}"
+        davpt.main(["--dataset", "folder", "--root", str(root), "--shots", "2", "--backbone", str(ckpt), "--epochs", "3",
+                    "--batch-size", "4", "--warmup-epochs", "1", "--device", "cpu", "--out", str(out), "--head", "text",
+                    "--setting", "base2new", "--num-guided", "2", "--eval-after", eval_after])
+        trained.append(torch.load(out / "checkpoint.pt", weights_only=True)["trainable"])
+    assert trained[0].keys() == trained[1].keys()
+    for name in trained[0]:
+        torch.testing.assert_close(trained[0][name], trained[1][name], rtol=0, atol=0)
+
+
 def test_kmeans_restart_from_centroids_and_balanced_batches():
     feats = torch.randn(20, 8)
     a, cent = davpt.cosine_kmeans(feats, 4, generator=torch.Generator().manual_seed(0))
