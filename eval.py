@@ -875,6 +875,9 @@ def average(rows):
     return base, new, harmonic_mean(base, new)
 
 
+_SKIPPED = set()  # results.json files already reported unreadable
+
+
 def collect(runs_dir, setting="base2new"):
     """{method: {dataset: [results of each seed]}} from every results.json of one setting below runs_dir."""
     table = defaultdict(lambda: defaultdict(list))
@@ -882,7 +885,9 @@ def collect(runs_dir, setting="base2new"):
         try:
             r = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            print(f"warning: skipping {path}: not valid JSON ({e})", file=sys.stderr)
+            if path not in _SKIPPED:  # collect runs once per setting: name each bad file once
+                print(f"warning: skipping {path}: not valid JSON ({e})", file=sys.stderr)
+                _SKIPPED.add(path)
             continue
         if r.get("setting", "base2new") != setting:
             continue
