@@ -126,7 +126,7 @@ def evaluate(model, prompt_learner, test, args, *, device, autocast):
 
 
 def configure(args):
-    """The run's name: CoOp, or zero-shot CLIP when nothing is trained (its prompt is "a photo of a {}.")."""
+    """The run's name: CoOp, or zero-shot CLIP when nothing is trained (scored with each dataset's own template)."""
     args.method = "zero-shot" if args.epochs == 0 else "coop"
 
 

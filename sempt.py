@@ -53,7 +53,9 @@ import eval as evaluation
 parser = evaluation.parser("SemPT: prompt tuning with shared attribute descriptions", epochs=10, batch_size=4,
                            lr=0.0035, recipe="SemPT's recipe is not public: coop.py's")
 # method (reconstructed defaults, see the docstring)
-parser.add_argument("--descriptions", default=None, help="description file (default descriptions/<dataset>.json)")
+parser.add_argument("--descriptions", default=None,
+                    help="one description file for every dataset of the run, cross-dataset targets included "
+                         "(default descriptions/<dataset>.json)")
 parser.add_argument("--tau", type=evaluation.positive, default=0.01, help="temperature of the visually guided weighting (0.01)")
 parser.add_argument("--beta", type=evaluation.non_negative, default=1.0, help="weight of the attribute summary in the enhanced embedding (1)")
 parser.add_argument("--attr-weight", type=evaluation.non_negative, default=1.0, help="lambda: weight of the attribute-head loss (1)")
@@ -87,6 +89,7 @@ class SemPTConfig:
 # The attribute embeddings: descriptions -> frozen text features.
 
 def default_descriptions(dataset):
+    """descriptions/<dataset>.json beside this file; ImageNet's variants share imagenet.json."""
     name = "imagenet" if dataset in data.IMAGENET_VARIANTS else dataset
     return Path(__file__).parent / "descriptions" / f"{name}.json"
 
@@ -228,9 +231,10 @@ class SemPT(nn.Module):
         return torch.where(label_head[None], label, attr)
 
 
-def attribute_weights(f, A, tau):
-    """Visually guided weighting: (B, C, K) = softmax over the K attributes of cos(image b, attribute k of class c)/tau."""
-    return torch.einsum("be,cke->bck", f, A).div(tau).softmax(dim=-1)
+def attribute_weights(s, tau):
+    """Visually guided weighting: (B, C, K) = softmax over the K attributes of s / tau, where s (B, C, K) holds
+    cos(image b, attribute k of class c)."""
+    return (s / tau).softmax(dim=-1)
 
 
 def attribute_logits(f, t, A, M, beta, tau, scale):
@@ -240,7 +244,7 @@ def attribute_logits(f, t, A, M, beta, tau, scale):
     f.u = f.t + beta sum_k w s,   |u|^2 = 1 + 2 beta sum_k w G + beta^2 sum_kl w_k w_l M_kl.
     """
     s = torch.einsum("be,cke->bck", f, A)  # (B, C, K)
-    w = (s / tau).softmax(dim=-1)  # (B, C, K)
+    w = attribute_weights(s, tau)  # (B, C, K)
     G = torch.einsum("ce,cke->ck", t, A)  # (C, K)
     dot = f @ t.t() + beta * (w * s).sum(-1)  # (B, C)
     wMw = (torch.einsum("bck,ckl->bcl", w, M) * w).sum(-1)  # (B, C)
@@ -304,6 +308,7 @@ def evaluate(sempt, model, test, args, *, seen, seen_head, device, autocast):
 
 
 def configure(args):
+    """The run's name (SemPT has no presets)."""
     args.method = "sempt"
 
 

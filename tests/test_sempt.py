@@ -40,7 +40,7 @@ def descriptions(tiny):
 def test_weighting_on_a_hand_computed_example():
     f = torch.tensor([[1.0, 0.0]])
     A = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # one class, attribute 0 along the image, attribute 1 orthogonal
-    w = sempt.attribute_weights(f, A, tau=0.5)  # softmax([1/0.5, 0/0.5]) = softmax([2, 0])
+    w = sempt.attribute_weights(torch.einsum("be,cke->bck", f, A), tau=0.5)  # softmax([1/0.5, 0/0.5]) = softmax([2, 0])
     assert w[0, 0].tolist() == pytest.approx([math.e ** 2 / (math.e ** 2 + 1), 1 / (math.e ** 2 + 1)], abs=1e-6)
 
 
