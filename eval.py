@@ -206,9 +206,9 @@ def main(parser, configure, run, argv=None):
 
     Under torchrun with several processes the runs are spread over the ranks instead (see `spread`): each rank
     does its share, and rank 0 prints the table once every rank has finished."""
-    args, jobs = plan(parser, configure, argv)
     ranks = torchrun_ranks()
     try:
+        args, jobs = plan(parser, configure, argv)  # bad input found while planning (e.g. the shipped CLIP) is one line too
         if ranks:
             results = spread(run, jobs, *ranks)
         else:
@@ -220,8 +220,10 @@ def main(parser, configure, run, argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     runs_dir = Path(args.out) if args.out else Path("runs") / jobs[0].method / args.setting
-    if len(jobs) > 1 and (not ranks or ranks[0] == 0) and collect(runs_dir, args.setting):
-        print(f"\n{TABLES[args.setting](runs_dir)}")
+    if len(jobs) > 1 and (not ranks or ranks[0] == 0):
+        results_found = read_results(runs_dir)
+        if collect(results_found, args.setting):
+            print(f"\n{TABLES[args.setting](results_found)}")
     return results[0] if len(jobs) == 1 else results
 
 
@@ -238,21 +240,25 @@ def reusable(args):
     --resume, redoes nothing that was finished)."""
     folder = Path(args.out)
     recorded = read_json(folder / "args.json") if (folder / "args.json").exists() else None
-    if args.resume and (folder / "train_state.pt").exists() and recorded is not None:
-        if differences(recorded, args):
-            raise data.InputError(f"--resume: the snapshot in {folder} was trained with other arguments "
-                                  f"({_listed(differences(recorded, args))}); rerun with its arguments, or --force")
+    diffs = _listed(differences(recorded, args)) if recorded is not None else ""
+    if diffs and args.resume and (folder / "train_state.pt").exists():
+        raise data.InputError(f"--resume: the snapshot in {folder} was trained with other arguments ({diffs}); rerun "
+                              f"with its arguments, or --force")
+    if diffs and args.eval_only:
+        raise data.InputError(f"--eval-only: {folder} was trained with other arguments ({diffs}); evaluate it with its "
+                              f"arguments (its args.json), or choose --out")
     if args.force or args.eval_only or not (folder / "results.json").exists():
         return None
     done = read_json(folder / "results.json")
-    if recorded is not None and differences(recorded, args):
-        raise data.InputError(f"{folder} holds a finished run with other arguments "
-                              f"({_listed(differences(recorded, args))}); --force redoes it there, or choose --out")
+    if diffs:
+        raise data.InputError(f"{folder} holds a finished run with other arguments ({diffs}); --force redoes it "
+                              f"there, or choose --out")
     print(f"{folder} is finished with these arguments (results.json); reusing it (--force redoes it)")
     return done
 
 
 def _listed(diffs):
+    """'lr 0.0035 there, 0.1 now, ...' for the error messages."""
     return ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in diffs.items())
 
 
@@ -424,6 +430,7 @@ class Meter:
         self.loss, self.correct, self.seen = 0.0, 0, 0
 
     def add(self, loss, logits, labels):
+        """Count one batch (kept on the device: no synchronisation per step)."""
         self.loss = self.loss + loss.detach() * len(labels)
         self.correct = self.correct + (logits.argmax(-1) == labels).sum()
         self.seen += len(labels)
@@ -496,6 +503,7 @@ class GraphedStep:
         return self.out
 
     def eager(self, inputs, labels):
+        """One uncaptured step (on CUDA on a side stream, as capture requires of the warm-up steps)."""
         if not inputs.is_cuda:
             return self.step(inputs, labels)
         side = torch.cuda.Stream()
@@ -506,6 +514,7 @@ class GraphedStep:
         return out
 
     def capture(self, inputs, labels):
+        """Record the step on static copies of inputs and labels (on the CPU: just keep the copies)."""
         self.graph, self.out = None, None  # free the previous capture's memory first
         self.static = (inputs.clone(), labels.clone())
         self.captures += 1
@@ -562,7 +571,8 @@ def stored_test_features(model, test, args, device, autocast):
     """(N, E) raw frozen image features (on the device) and (N,) labels of a TestSet, through the feature store."""
     transform = test.transform(model.visual.input_resolution)
     f, labels = stored_image_features(model, test.items, transform, dataset=test.dataset, part=test.part,
-                                      store=store_dir(args), device=device, autocast=autocast)
+                                      store=store_dir(args), device=device, autocast=autocast,
+                                      num_workers=args.workers)
     return f.to(device), labels.to(device)
 
 
@@ -636,22 +646,27 @@ def cached_image_features(store, key, compute):
     return features, labels
 
 
-def stored_image_features(model, items, transform, *, dataset, part, store, device, autocast, fingerprint=None,
-                          seed=None):
+def feature_key(model, items, transform, *, dataset, part, autocast):
+    """The feature-store key of `items` encoded by model's image encoder under autocast (see store_key)."""
+    return store_key(model_fingerprint(model), dataset, part, transform, [it.path for it in items],
+                     precision=precision_of(autocast))
+
+
+def stored_image_features(model, items, transform, *, dataset, part, store, device, autocast, seed=None,
+                          num_workers=None):
     """(N, E) raw frozen image features and (N,) labels of `items`, through the feature store when `store` is a folder.
-    seed: of a random transform (data.ImageList).
+    seed: of a random transform (data.ImageList); num_workers: --workers.
 
     The key covers the image encoder's weights, dataset, part, transform and file list: every text-side method and
     seed that evaluates the same test set with the same backbone reads the same file.
     """
     def compute():
-        loader = data.loader(items, transform, EVAL_BATCH, train=False, seed=seed)
+        loader = data.loader(items, transform, EVAL_BATCH, train=False, seed=seed, num_workers=num_workers)
         return image_features(model, loader, device, autocast, desc=f"{dataset} {part}")
     if not store:
         return compute()
-    key = store_key(fingerprint or model_fingerprint(model), dataset, part, transform, [it.path for it in items],
-                    precision=precision_of(autocast))
-    return cached_image_features(store, key, compute)
+    return cached_image_features(store, feature_key(model, items, transform, dataset=dataset, part=part,
+                                                    autocast=autocast), compute)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -827,16 +842,15 @@ def shard_features(jobs, rank, world, local_rank):
             split = data.prepare_for(one)
             if one.backbone not in models:
                 model = clip.load(one.backbone, device=device)[0]
-                models[one.backbone] = model, model_fingerprint(model)
+                models[one.backbone] = model.requires_grad_(False)  # frozen: its fingerprint is computed once
         except (data.InputError, RuntimeError, KeyError, ValueError):  # left to the runs, which report it
             split = None
         if not all(_gather(split is not None)):
             continue
-        model, fingerprint = models[one.backbone]
+        model = models[one.backbone]
         for test in split.tests.values():
             transform = test.transform(model.visual.input_resolution)
-            key = store_key(fingerprint, test.dataset, test.part, transform, [it.path for it in test.items],
-                            precision=precision_of(autocast))
+            key = feature_key(model, test.items, transform, dataset=test.dataset, part=test.part, autocast=autocast)
             if not test.items or all(_gather((store_dir(one) / f"{key}.pt").exists())):
                 continue
             features, labels = sharded_image_features(model, test.items, transform, rank=rank, world=world,
@@ -865,6 +879,7 @@ def sharded_image_features(model, items, transform, *, rank, world, device, auto
 # Results and tables.
 
 def save_json(path, obj):
+    """obj as indented JSON at path, written atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
 
 
@@ -875,34 +890,37 @@ def average(rows):
     return base, new, harmonic_mean(base, new)
 
 
-_SKIPPED = set()  # results.json files already reported unreadable
-
-
-def collect(runs_dir, setting="base2new"):
-    """{method: {dataset: [results of each seed]}} from every results.json of one setting below runs_dir."""
-    table = defaultdict(lambda: defaultdict(list))
+def read_results(runs_dir):
+    """Every results.json below runs_dir, read once; an unreadable one is named and skipped."""
+    results = []
     for path in sorted(Path(runs_dir).rglob("results.json")):
         try:
-            r = json.loads(path.read_text())
+            results.append(json.loads(path.read_text()))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            if path not in _SKIPPED:  # collect runs once per setting: name each bad file once
-                print(f"warning: skipping {path}: not valid JSON ({e})", file=sys.stderr)
-                _SKIPPED.add(path)
-            continue
+            print(f"warning: skipping {path}: not valid JSON ({e})", file=sys.stderr)
+    return results
+
+
+def collect(results, setting="base2new"):
+    """{method (variant): {dataset: [results of each seed]}} of one setting. Runs with other shots than the papers'
+    16 are rows of their own ("dtd 4-shot"); the few-shot table names every shot count."""
+    table = defaultdict(lambda: defaultdict(list))
+    for r in results:
         if r.get("setting", "base2new") != setting:
             continue
         if setting == "base2new" and (r.get("base_acc") is None or r.get("new_acc") is None):
             continue
-        key = f"{r['dataset']} {r['shots']}-shot" if setting == "fewshot" else r["dataset"]
+        shots = f"{r['dataset']} {r['shots']}-shot"
+        key = shots if setting == "fewshot" or r["shots"] != 16 else r["dataset"]
         label = r.get("method", "?") + (f" ({r['variant']})" if r.get("variant") else "")
         table[label][key].append(r)
     return table
 
 
-def base2new_table(runs_dir):
+def base2new_table(results):
     """Markdown: per method, one row per dataset (mean over its seeds) and the papers' Average over datasets (mean
-    base, mean new, H of the means) when there are several."""
-    table = collect(runs_dir)
+    base, mean new, H of the means) when there are several. results: read_results(runs_dir)."""
+    table = collect(results)
     lines = ["| Method | Dataset | Base | New | H | Runs |", "|---|---|---|---|---|---|"]
     for m in sorted(table):
         rows = []
@@ -918,12 +936,13 @@ def base2new_table(runs_dir):
 
 
 def mean(values):
+    """The arithmetic mean of a non-empty list."""
     return sum(values) / len(values)
 
 
-def fewshot_table(runs_dir):
+def fewshot_table(results):
     """Markdown: one row per dataset and shot count, accuracy on all classes per method (seed count in brackets)."""
-    table = collect(runs_dir, "fewshot")
+    table = collect(results, "fewshot")
     methods = sorted(table)
     shots = lambda k: float("inf") if k.split()[1] == "all-shot" else int(k.split()[1].split("-")[0])  # noqa: E731
     rows = sorted({d for m in methods for d in table[m]}, key=lambda k: (k.split()[0], shots(k)))
@@ -935,11 +954,11 @@ def fewshot_table(runs_dir):
     return "\n".join(lines + ["", "Each cell: the mean accuracy over seeds (the number of seeds in brackets)."])
 
 
-def crossdataset_table(runs_dir):
+def crossdataset_table(results):
     """Markdown, as the papers: one row per method (and source), one column per target, plus the average.
 
     Cross-dataset targets and the ImageNet variants (domain generalisation) are averaged separately."""
-    table = collect(runs_dir, "crossdataset")
+    table = collect(results, "crossdataset")
     variants = data.IMAGENET_VARIANTS
     lines = []
     for title, keep in [("cross-dataset", lambda t: t not in variants), ("domain generalisation", lambda t: t in variants)]:
@@ -957,7 +976,8 @@ def crossdataset_table(runs_dir):
                 known = [a for a in accs if a is not None]
                 cells = [f"{a:.2f}" if a is not None else "–" for a in accs]
                 src = f"{source} {mean([r['acc'] for r in runs]):.2f} ({len(runs)})"
-                lines.append(f"| {m} | {src} | " + " | ".join(cells) + f" | {mean(known):.2f} |")
+                average = f"{mean(known):.2f}" if known else "–"  # a row may have none of this group's targets
+                lines.append(f"| {m} | {src} | " + " | ".join(cells) + f" | {average} |")
         lines.append("")
     return "\n".join(lines + ["Source: its accuracy, the mean over seeds (the number of seeds in brackets); targets: "
                                "the same seeds' mean."])
@@ -967,15 +987,15 @@ TABLES = {"base2new": base2new_table, "fewshot": fewshot_table, "crossdataset": 
 
 
 def tables(argv=None):
+    """`python eval.py RUNS_DIR`: every setting's table of the results.json files below RUNS_DIR."""
     parser = argparse.ArgumentParser(description="Aggregate results.json files into the papers' tables.")
     parser.add_argument("runs_dir", help="folder searched recursively for results.json")
     args = parser.parse_args(argv)
-    found = False
+    results = read_results(args.runs_dir)
     for setting, render in TABLES.items():
-        if collect(args.runs_dir, setting):
-            found = True
-            print(f"## {setting}\n\n{render(args.runs_dir)}\n")
-    if not found:
+        if collect(results, setting):
+            print(f"## {setting}\n\n{render(results)}\n")
+    if not results:
         sys.exit(f"no results.json found under {args.runs_dir}")
 
 

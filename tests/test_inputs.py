@@ -4,7 +4,7 @@ teaching world is the one the README was measured with.
 
 Run: python -m pytest tests/test_inputs.py
 """
-import json
+import os
 import re
 import shutil
 import subprocess
@@ -52,8 +52,8 @@ def test_another_learning_rate_gets_its_own_folder_and_table_row(tiny, tmp_path,
     assert second["variant"] == first["variant"] + "_lr0.01" and second["wall_time"] != first["wall_time"]
     folders = sorted(p.parent.name for p in tmp_path.glob("runs/coop/base2new/folder/*/results.json"))
     assert len(folders) == 2 and folders[1].endswith("_lr0.01")
-    table = evaluation.base2new_table(tmp_path / "runs")
-    assert len(re.findall(r"^\| coop \(.*\| folder \|", table, re.M)) == 2  # two rows, not one mean
+    table = evaluation.base2new_table(evaluation.read_results(tmp_path / "runs"))
+    assert len(re.findall(r"^\| coop \(.*\| folder 2-shot \|", table, re.M)) == 2  # two rows, not one mean
 
 
 def test_values_equal_to_the_defaults_or_presets_change_nothing():
@@ -70,6 +70,22 @@ def test_a_finished_run_with_other_arguments_is_never_reused(tiny, tmp_path, cap
     coop.main(argv(tiny, tmp_path / "run"))
     err = exits_2(coop.main, argv(tiny, tmp_path / "run", "--lr", "0.01"), capsys)
     assert "holds a finished run with other arguments (lr 0.0035 there, 0.01 now)" in err
+
+
+def test_eval_only_with_other_arguments_refuses_and_keeps_the_results(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    coop.main(argv(tiny, out))
+    before = (out / "results.json").read_bytes()
+    err = exits_2(coop.main, argv(tiny, out, "--eval-only", "--ctx-init", "a"), capsys)
+    assert "--eval-only" in err and "ctx_init 'a photo of a' there, 'a' now" in err
+    assert (out / "results.json").read_bytes() == before
+    coop.main(argv(tiny, out, "--eval-only"))  # with its own arguments it evaluates (and rewrites results.json)
+
+
+def test_a_changed_shipped_clip_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(world, "SHIPPED_SHA256", "0" * 64)  # as if world_clip.pt had been changed
+    err = exits_2(coop.main, ["--root", str(tmp_path), "--out", str(tmp_path / "run")], capsys)
+    assert err.startswith("error:") and "world_clip.pt is missing or changed" in err and "Traceback" not in err
 
 
 def test_resume_with_other_arguments_refuses(tiny, tmp_path, capsys):
@@ -155,7 +171,7 @@ def test_a_decompression_bomb_is_named(tmp_path, monkeypatch):
 def test_truncated_checkpoint_and_snapshot_are_named(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     coop.main(argv(tiny, out, "--epochs", "2"))
-    for name, extra in [("checkpoint.pt", ["--eval-only"]), ("train_state.pt", ["--epochs", "2", "--resume"])]:
+    for name, extra in [("checkpoint.pt", ["--epochs", "2", "--eval-only"]), ("train_state.pt", ["--epochs", "2", "--resume"])]:
         path = out / name
         path.write_bytes(path.read_bytes()[:100])
         (out / "results.json").unlink(missing_ok=True)
@@ -169,12 +185,29 @@ def test_malformed_descriptions_are_named(tmp_path):
         sempt.load_descriptions(tmp_path / "d.json", ["a"])
 
 
+def test_tables_keep_shot_counts_apart_and_rows_without_a_groups_targets(tmp_path):
+    """Base-to-new: a 4-shot run is not averaged into the 16-shot row. Cross-dataset: a source tested only on an
+    ImageNet variant shows "–" as its cross-dataset average (no division by zero)."""
+    for shots, base in [(16, 80.0), (4, 60.0)]:
+        evaluation.save_json(tmp_path / f"b{shots}/results.json", {"method": "coop", "dataset": "dtd", "seed": 1,
+                                                                   "shots": shots, "base_acc": base, "new_acc": 50.0})
+    for method, targets in [("coop", {"dtd": 40.0}), ("capt", {"imagenetv2": 60.0})]:
+        evaluation.save_json(tmp_path / f"x{method}/results.json", {
+            "method": method, "setting": "crossdataset", "dataset": "imagenet", "seed": 1, "shots": 16, "acc": 70.0,
+            "targets": targets})
+    results = evaluation.read_results(tmp_path)
+    table = evaluation.base2new_table(results)
+    assert "| coop | dtd | 80.00 | 50.00 |" in table and "| coop | dtd 4-shot | 60.00 | 50.00 |" in table
+    cross = evaluation.crossdataset_table(results)
+    assert "| capt | imagenet 70.00 (1) | – | – |" in cross and "| coop | imagenet 70.00 (1) | 40.00 | 40.00 |" in cross
+
+
 def test_tables_skip_a_corrupt_results_file_with_a_warning(tmp_path, capsys):
     evaluation.save_json(tmp_path / "a/results.json", {"method": "coop", "dataset": "dtd", "seed": 1, "shots": 16,
                                                        "base_acc": 80.0, "new_acc": 60.0})
     (tmp_path / "b").mkdir()
     (tmp_path / "b/results.json").write_text("{")
-    assert "| coop | dtd | 80.00 | 60.00 |" in evaluation.base2new_table(tmp_path)
+    assert "| coop | dtd | 80.00 | 60.00 |" in evaluation.base2new_table(evaluation.read_results(tmp_path))
     assert f"skipping {tmp_path / 'b/results.json'}" in capsys.readouterr().err
 
 
@@ -192,9 +225,16 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tiny, tmp_path):
 # 5. Where things are written --------------------------------------------------------------------------------------
 
 def test_written_files_keep_the_users_umask(tiny, tmp_path):
+    """A process started with umask 077 writes 0600 files (mkstemp's own mode would be 0600 under any umask, so the
+    default 022 is checked in this process: 0644)."""
     coop.main(argv(tiny, tmp_path / "run"))
+    repo = str(Path(__file__).resolve().parents[1])
+    private = argv(tiny, tmp_path / "private")
+    script = f"import os, sys; os.umask(0o077); sys.path.insert(0, {repo!r}); import coop; coop.main({private!r})"
+    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, check=True, capture_output=True, timeout=300)
     for name in ("args.json", "results.json", "checkpoint.pt", "train_state.pt"):
-        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o666 & ~evaluation.UMASK, name
+        assert (tmp_path / "private" / name).stat().st_mode & 0o777 == 0o600, name
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o666 & ~os.umask(os.umask(0o022)), name
 
 
 def test_the_world_is_cached_beside_the_code_and_a_killed_render_is_cleaned_up(tmp_path):

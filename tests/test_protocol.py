@@ -138,8 +138,8 @@ def test_harmonic_mean_and_average_by_hand():
 def test_table_aggregates_seeds_and_datasets(tmp_path):
     for d, seed, b, n in [("dtd", 1, 80, 40), ("dtd", 2, 70, 50), ("eurosat", 1, 90, 60)]:
         evaluation.save_json(tmp_path / d / str(seed) / "results.json", {"method": "coop", "dataset": d, "seed": seed,
-                                                                         "base_acc": b, "new_acc": n})
-    table = evaluation.base2new_table(tmp_path)
+                                                                         "shots": 16, "base_acc": b, "new_acc": n})
+    table = evaluation.base2new_table(evaluation.read_results(tmp_path))
     assert "| coop | dtd | 75.00 | 45.00 | 56.25 | 2 seeds |" in table  # mean base, mean new, H of the means
     assert "| coop | **Average** | 82.50 | 52.50 | 64.17 | 2 datasets |" in table
 

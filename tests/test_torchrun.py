@@ -103,7 +103,7 @@ def test_torchrun_spreads_the_runs_and_after_a_kill_the_same_command_does_only_t
         torch.set_num_threads(threads)
     spread = [after[Path(one.out).name] for one in jobs]
     assert [(r["base_acc"], r["new_acc"]) for r in spread] == [(r["base_acc"], r["new_acc"]) for r in single]
-    assert out2.count("| Method |") == 1 and evaluation.base2new_table(tmp_path / "single") in out2
+    assert out2.count("| Method |") == 1 and evaluation.base2new_table(evaluation.read_results(tmp_path / "single")) in out2
 
     # 4. The test features two ranks encoded in shards (first command) equal the single process's, bit for bit.
     sharded, alone = (sorted((tmp_path / s).glob("*.pt")) for s in ("store", "single-store"))
