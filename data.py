@@ -57,6 +57,7 @@ class TestSet:
     test_crop: float = 1.0  # center crop / resized shorter side of the test transform (its dataset's, see DATASETS)
 
     def transform(self, resolution):
+        """This test set's transform at the model's input resolution."""
         return transform(resolution, train=False, test_crop=self.test_crop)
 
 
@@ -72,6 +73,7 @@ class Split:
     test_crop: float = 1.0
 
     def train_transform(self, resolution):
+        """The training transform (random crop and flip, or the dataset's own rule) at the input resolution."""
         return transform(resolution, train=True, crop_scale=self.crop_scale, test_crop=self.test_crop)
 
 
@@ -167,7 +169,7 @@ SIZES = {"world": (32, 768, 1280), "caltech101": (100, 4128, 2465), "oxford_pets
          "ucf101": (101, 7639, 3783), "fgvc_aircraft": (100, 3334, 3333), "imagenet": (1000, 1281167, 50000),
          "imagenetv2": (1000, 0, 10000), "imagenet_sketch": (1000, 0, 50889), "imagenet_a": (200, 0, 7500),
          "imagenet_r": (200, 0, 30000), "cub": (200, 5994, 5794), "nabirds": (555, 23929, 24633),
-         "dogs": (120, 12000, 8580)}
+         "dogs": (120, 12000, 8580), "cars": (196, 8144, 8041), "flowers": (102, 2040, 6149)}
 
 
 def dataset_size(name, root):
@@ -261,6 +263,7 @@ def _read_vtab(name, base):
 
 @dataclass
 class Dataset:
+    """A dataset as read from disk: its splits as lists of Items, class names by label and CoOp's template."""
     name: str
     template: str
     classnames: list  # index = label
@@ -306,8 +309,8 @@ def load_dataset(name, root, download=False):
     elif name == "imagenet":
         cn = base / "classnames.txt"
         splits = {"train": _read_folders(_need(image_dir / "train", name), cn),
-                  "test": _read_folders(_need(image_dir / "val", name), cn)}
-        splits["val"] = splits["test"]
+                  "test": _read_folders(_need(image_dir / "val", name), cn),
+                  "val": []}  # ImageNet's val folder is its test set: no split to tune on (--val is refused)
     else:  # the ImageNet variants are test sets only
         items = _read_folders(image_dir, base / "classnames.txt")
         if name == "imagenetv2":  # folders are named 0..999 by ImageNet label
@@ -634,7 +637,7 @@ def training_batches(model, items, transform, batch_size, *, seed, device, autoc
     for v in range(views):  # view v of every image: the train transform under a seed of its own
         cached.append(evaluation.stored_image_features(
             model, items, transform, dataset=dataset, part=f"train view {v}/{views} seed {seed}", store=store,
-            device=device, autocast=autocast, seed=seed * 1000 + 999 - v)[0])
+            device=device, autocast=autocast, seed=seed * 1000 + 999 - v, num_workers=num_workers)[0])
     feats = torch.stack(cached).to(device)  # (views, N, E)
     labels = torch.tensor([it.label for it in items], device=device)  # (N,)
     N = len(items)
@@ -647,7 +650,7 @@ def training_batches(model, items, transform, batch_size, *, seed, device, autoc
         order = order[: N - (N % batch_size)] if drop else order
         for idx in order.split(batch_size):
             view = torch.randint(views, (len(idx),), generator=g)
-            yield feats[view.to(device), idx.to(device)], labels[idx.to(device)]
+            yield feats[view.to(device), idx.to(device)], labels[idx.to(device)]  # (B, E) one view each, (B,)
     return from_views
 
 

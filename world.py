@@ -199,6 +199,7 @@ def prepare_dataset(root=data.ROOT, seed=0, train_per_class=24, test_per_class=4
 
 
 def _alive(pid):
+    """Whether process pid still runs (a stale images.tmp-PID folder is one whose writer is gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

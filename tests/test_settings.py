@@ -67,7 +67,7 @@ def test_crossdataset_and_domain_generalisation_end_to_end(tiny, layouts, tmp_pa
     r = module.main(["--setting", "crossdataset", "--dataset", "imagenet", "--root", str(layouts), "--targets", "dtd",
                      "imagenet_a", *common(tiny, tmp_path / "run"), *extra])
     assert r["setting"] == "crossdataset" and set(r["targets"]) == {"dtd", "imagenet_a"} and 0 <= r["acc"] <= 100
-    table = evaluation.crossdataset_table(tmp_path)
+    table = evaluation.crossdataset_table(evaluation.read_results(tmp_path))
     assert "| dtd |" in table and "| imagenet_a |" in table and f"| {r['method']} ({r['variant']}) | imagenet" in table
 
 
@@ -80,7 +80,7 @@ def test_fewshot_setting_trains_and_tests_on_all_classes(tiny, tmp_path, script)
     runs = module.main(["--setting", "fewshot", "--dataset", "folder", "--root", str(tiny / "ds"), "--seed", "1", "2",
                         *common(tiny, tmp_path / "runs"), *extra])
     assert len(runs) == 2 and all(r["setting"] == "fewshot" and 0 <= r["acc"] <= 100 for r in runs)
-    assert "| folder 2-shot |" in evaluation.fewshot_table(tmp_path / "runs")
+    assert "| folder 2-shot |" in evaluation.fewshot_table(evaluation.read_results(tmp_path / "runs"))
 
 
 def test_finished_runs_are_skipped_and_redone_with_force(tiny, tmp_path, capsys):
@@ -138,3 +138,9 @@ def test_each_capt_variant_has_its_own_default_run_folder(tiny, tmp_path, monkey
         r = capt.main(argv + extra)
         assert r["method"] == method and "condition" not in r["variant"] and "decapt" not in r["variant"]
         assert (tmp_path / "runs" / method / "base2new" / "folder" / f"shots2_seed1_{r['variant']}" / "results.json").exists()
+
+
+def test_val_on_imagenet_is_refused_because_its_val_folder_is_the_test_set(layouts):
+    assert data.prepare("imagenet", layouts, shots=1, seed=1).tests["base"].items  # the val folder is scored as test
+    with pytest.raises(data.InputError, match="--val: imagenet has no validation split"):
+        data.prepare("imagenet", layouts, shots=1, seed=1, val=True)
