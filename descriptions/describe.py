@@ -54,21 +54,21 @@ HERE = Path(__file__).resolve().parent
 
 parser = argparse.ArgumentParser(description="Write descriptions/<dataset>.json for SemPT with an LLM")
 parser.add_argument("--dataset", required=True, help="dataset name (see data.DATASETS) or 'folder'")
-parser.add_argument("--root", default="data", help="folder holding the datasets (for the class names)")
+parser.add_argument("--root", default=str(data.ROOT), help="folder holding the datasets (for the class names)")
 parser.add_argument("--download", action="store_true", help="fetch the dataset with torchvision if it is missing")
 parser.add_argument("--out", default=None, help="description file to write (default descriptions/<dataset>.json)")
 parser.add_argument("--force", action="store_true", help="overwrite --out if it exists (default: write beside it)")
 parser.add_argument("--llm-url", default="https://api.openai.com/v1", help="base URL of an OpenAI-compatible chat API")
 parser.add_argument("--llm-model", default="gpt-4o", help="chat model name")
 parser.add_argument("--llm-key-env", default="OPENAI_API_KEY", help="NAME of the environment variable holding the API key")
-parser.add_argument("--llm-timeout", type=float, default=120.0, help="seconds to wait for one answer")
+parser.add_argument("--llm-timeout", type=evaluation.positive, default=120.0, help="seconds to wait for one answer")
 parser.add_argument("--llm-json-mode", action=argparse.BooleanOptionalAction, default=True,
                     help="ask for response_format json_object (--no-llm-json-mode for servers without it)")
-parser.add_argument("--llm-retries", type=int, default=5, help="tries per question before giving up")
-parser.add_argument("--llm-backoff", type=float, default=2.0, help="first wait between tries, doubled after each")
+parser.add_argument("--llm-retries", type=evaluation.positive_int, default=5, help="tries per question before giving up")
+parser.add_argument("--llm-backoff", type=evaluation.non_negative, default=2.0, help="first wait between tries, doubled after each")
 parser.add_argument("--domain", default=None, help="what the dataset shows, for the prompts (default: per dataset)")
-parser.add_argument("--n-attributes", type=int, default=5, help="K: shared attributes asked for in step 1 (5)")
-parser.add_argument("--n-sentences", type=int, default=3, help="J: sentences per attribute asked for in step 2 (3)")
+parser.add_argument("--n-attributes", type=evaluation.positive_int, default=5, help="K: shared attributes asked for in step 1 (5)")
+parser.add_argument("--n-sentences", type=evaluation.positive_int, default=3, help="J: sentences per attribute asked for in step 2 (3)")
 
 
 def ask(url, model, messages, key, timeout, json_mode=True):
@@ -84,6 +84,8 @@ def ask(url, model, messages, key, timeout, json_mode=True):
 
 def parse_json(text):
     """The JSON object in an answer (tolerates a ```json fence around it)."""
+    if not isinstance(text, str):
+        raise ValueError("the answer has no text")
     text = re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip())
     obj = json.loads(text)
     if not isinstance(obj, dict):
@@ -120,7 +122,10 @@ def cached_answer(prompt, validate, args, key, cache_dir, what):
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
     path = Path(cache_dir) / (hashlib.sha256(json.dumps([args.llm_model, messages]).encode()).hexdigest() + ".json")
     if path.exists():
-        return validate(json.loads(path.read_text()))
+        try:
+            return validate(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError, RuntimeError, UnicodeDecodeError) as e:  # a damaged entry: ask again
+            print(f"{what}: the cached answer {path} is unusable ({e}); asking again")
     delay, error = args.llm_backoff, None
     for attempt in range(1, args.llm_retries + 1):
         try:
@@ -180,7 +185,12 @@ def describe(args):
 
 
 def main(argv=None):
-    return describe(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return describe(args)
+    except data.InputError as e:  # bad input (a dataset name, a missing folder): one line, as the training scripts
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -174,7 +174,7 @@ class FakeLLM:
                         answer.pop(ATTRS[1])
                     if behaviour == "too long":
                         answer[ATTRS[0]] = [" ".join(["word"] * 100)]
-                content = "this is { not json" if behaviour == "malformed" else json.dumps(answer)
+                content = {"malformed": "this is { not json", "null": None}.get(behaviour, json.dumps(answer))
                 if behaviour == "good":
                     fake.answered.append(prompt)
                 self.reply(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
@@ -208,13 +208,13 @@ def describe_argv(tiny, out, url):
 
 def test_generator_survives_bad_answers_and_keeps_the_key_secret(tiny, tmp_path, llm, monkeypatch, capsys):
     monkeypatch.setenv("NANOPROMPT_TEST_KEY", KEY)
-    llm.script = ["malformed", "good", "500", "slow", "incomplete", "too long"]  # then good
+    llm.script = ["malformed", "good", "500", "slow", "incomplete", "too long", "good", "null"]  # then good
     out = describe.main(describe_argv(tiny, tmp_path / "d.json", llm.url))
     raw = json.loads(Path(out).read_text())
     assert raw["attributes"] == ATTRS and sorted(raw["descriptions"]) == sorted(NAMES)
     assert raw["llm"] == "fake, the v1 prompts through describe.py's client" and raw["prompt_version"] == "v1"
     assert len(llm.answered) == len(set(llm.answered)) == 1 + len(NAMES)  # each question answered exactly once
-    assert llm.requests == 1 + len(NAMES) + 5  # five bad answers, each retried once
+    assert llm.requests == 1 + len(NAMES) + 6  # six bad answers, each retried once
     assert set(llm.keys) == {f"Bearer {KEY}"}  # the key reaches the server ...
     written = [p.read_text() for p in tmp_path.rglob("*") if p.is_file()]
     assert written and not any(KEY in text for text in written)  # ... and nothing on disk
@@ -237,6 +237,19 @@ def test_generator_gives_up_with_a_clear_error(tiny, tmp_path, llm):
     with pytest.raises(SystemExit, match="HTTP 401.*NANOPROMPT_TEST_KEY"):
         describe.main(describe_argv(tiny, tmp_path / "d.json", llm.url))
     assert not (tmp_path / "d.json").exists()
+
+
+def test_generator_asks_again_for_a_damaged_cached_answer_and_names_bad_input(tiny, tmp_path, llm, capsys):
+    describe.main(describe_argv(tiny, tmp_path / "d.json", llm.url))
+    cached = sorted((tmp_path / ".cache" / "d").glob("*.json"))
+    assert len(cached) == 1 + len(NAMES)
+    cached[0].write_text("{garbled")
+    (tmp_path / "d.json").unlink()
+    describe.main(describe_argv(tiny, tmp_path / "d.json", llm.url))
+    assert len(llm.answered) == 2 + len(NAMES) and "asking again" in capsys.readouterr().out  # only that one
+    with pytest.raises(SystemExit) as e:
+        describe.main(describe_argv(tiny, tmp_path / "e.json", llm.url)[2:] + ["--dataset", "nosuch"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: unknown dataset 'nosuch'")
 
 
 def test_generator_resumes_after_a_kill_without_asking_again(tiny, tmp_path, llm):
