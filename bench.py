@@ -74,10 +74,10 @@ SHOTS, BATCH, EPOCHS = 16, 4, 10  # CaPT's recipe
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--quick", action="store_true", help="CPU-sized run: ViT-B/16 only, C in {10, 100}, fewer repeats")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-parser.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
-                    help="autocast dtype of the frozen encoders (default: bf16 on CUDA, fp32 on CPU)")
-parser.add_argument("--classes", type=int, nargs="+", default=None, help="class counts C (default 10 100 1000)")
-parser.add_argument("--repeats", type=int, default=None, help="timed repeats per cell (default 5, --quick 1)")
+parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="autocast dtype of the frozen encoders (auto: bf16 on CUDA, fp32 on CPU)")
+parser.add_argument("--classes", type=evaluation.positive_int, nargs="+", default=None, help="class counts C (default 10 100 1000)")
+parser.add_argument("--repeats", type=evaluation.positive_int, default=None, help="timed repeats per cell (default 5, --quick 1)")
 parser.add_argument("--sections", default="text,image,methods,store", help="comma-separated: text, image, methods, store")
 parser.add_argument("--variants", default=None,
                     help=f"comma-separated, of {', '.join(VARIANTS)} (default: all on CUDA, eager on CPU, where "
@@ -85,8 +85,8 @@ parser.add_argument("--variants", default=None,
 parser.add_argument("--protocol", action="store_true", help="only the estimate of one seed of the 11-dataset protocol")
 parser.add_argument("--protocol-variant", default=None, choices=VARIANTS,
                     help="the training step the protocol estimate uses (default: graph on CUDA, eager on CPU)")
-parser.add_argument("--protocol-steps", type=int, default=None, help="timed training steps per dataset (default 50, CPU 2)")
-parser.add_argument("--protocol-images", type=int, default=None, help="test images encoded per dataset (default 1000, CPU 16)")
+parser.add_argument("--protocol-steps", type=evaluation.positive_int, default=None, help="timed training steps per dataset (default 50, CPU 2)")
+parser.add_argument("--protocol-images", type=evaluation.positive_int, default=None, help="test images encoded per dataset (default 1000, CPU 16)")
 parser.add_argument("--datasets", nargs="+", default=list(PROTOCOL), choices=list(PROTOCOL),
                     help="--protocol: the datasets to sample (default all 11)")
 
@@ -310,6 +310,7 @@ def bench_davpt(model, autocast, device, *, repeats, batch):
         loss = F.cross_entropy(net.logits(feats), y)
         if metric:
             loss = loss + sum(t + c for t, c in ml)
+        net.zero_grad(set_to_none=True)
         loss.backward()
     return timeit(lambda: step(False), repeats, device), timeit(lambda: step(True), repeats, device)
 
@@ -449,10 +450,8 @@ def device_name(device):
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    device = args.device
-    precision = args.precision or ("bf16" if device == "cuda" else "fp32")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    autocast = lambda: torch.autocast(device, dtype=dtype, enabled=precision != "fp32")  # noqa: E731
+    device, autocast = evaluation.device_and_autocast(args.device, args.precision)
+    precision = evaluation.precision_of(autocast)
     classes = args.classes or ([10, 100] if args.quick else [10, 100, 1000])
     repeats = args.repeats or (1 if args.quick else 5)
     variants = args.variants.split(",") if args.variants else (VARIANTS if device == "cuda" else ["eager"])
@@ -465,6 +464,8 @@ def main(argv=None):
         return protocol(args, device, autocast)
     peak = device_peak_tflops(device)
     sections = args.sections.split(",")
+    if any(s not in ("text", "image", "methods", "store") for s in sections):
+        parser.error(f"--sections: comma-separated, of text, image, methods, store (got {args.sections!r})")
     for name in backbones:
         print(f"\n## {name} (random weights)")
         model = build(name, device)
