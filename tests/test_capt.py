@@ -159,7 +159,9 @@ def test_image_condition_is_the_released_cocoop(tiny):
     model, module, cfg = make(tiny, ["--condition", "image"])
     meta = module.meta
     assert isinstance(meta.activation, torch.nn.ReLU) and meta.down.out_features == 32 and meta.dropout.p == 0.0
-    assert meta.down.weight.abs().max() <= 1 / math.sqrt(meta.down.in_features)  # PyTorch's init, not U(1/sqrt(32))
+    # PyTorch's init U(+-1/sqrt(in)), not CaPT's U(+-1/sqrt(out)): they differ where in != out, as in `up` (32 -> 64)
+    assert meta.up.in_features != meta.up.out_features
+    assert 1 / math.sqrt(meta.up.out_features) < meta.up.weight.abs().max() <= 1 / math.sqrt(meta.up.in_features)
     f, labels = model.encode_image(torch.randn(3, 3, 32, 32)), torch.tensor([0, 3, 4])
     loss, logits = capt.step_loss(module, model, f, labels, OFF)
     learner = coop.PromptLearner(model, NAMES)
