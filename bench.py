@@ -42,7 +42,10 @@ import coop
 import data
 import davpt
 import eval as evaluation
+import experiment
+import harness
 import sempt
+from harness.runs import plan
 from clip.model import CLIP, set_sdpa
 
 # OpenAI's sizes: embed_dim, image_resolution, vision_layers, vision_width, patch, context, vocab, text width/heads/layers
@@ -76,8 +79,8 @@ parser.add_argument("--quick", action="store_true", help="CPU-sized run: ViT-B/1
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
 parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="autocast dtype of the frozen encoders (auto: bf16 on CUDA, fp32 on CPU)")
-parser.add_argument("--classes", type=evaluation.positive_int, nargs="+", default=None, help="class counts C (default 10 100 1000)")
-parser.add_argument("--repeats", type=evaluation.positive_int, default=None, help="timed repeats per cell (default 5, --quick 1)")
+parser.add_argument("--classes", type=experiment.positive_int, nargs="+", default=None, help="class counts C (default 10 100 1000)")
+parser.add_argument("--repeats", type=experiment.positive_int, default=None, help="timed repeats per cell (default 5, --quick 1)")
 parser.add_argument("--sections", default="text,image,methods,store", help="comma-separated: text, image, methods, store")
 parser.add_argument("--variants", default=None,
                     help=f"comma-separated, of {', '.join(VARIANTS)} (default: all on CUDA, eager on CPU, where "
@@ -85,8 +88,8 @@ parser.add_argument("--variants", default=None,
 parser.add_argument("--protocol", action="store_true", help="only the estimate of one seed of the 11-dataset protocol")
 parser.add_argument("--protocol-variant", default=None, choices=VARIANTS,
                     help="the training step the protocol estimate uses (default: graph on CUDA, eager on CPU)")
-parser.add_argument("--protocol-steps", type=evaluation.positive_int, default=None, help="timed training steps per dataset (default 50, CPU 2)")
-parser.add_argument("--protocol-images", type=evaluation.positive_int, default=None, help="test images encoded per dataset (default 1000, CPU 16)")
+parser.add_argument("--protocol-steps", type=experiment.positive_int, default=None, help="timed training steps per dataset (default 50, CPU 2)")
+parser.add_argument("--protocol-images", type=experiment.positive_int, default=None, help="test images encoded per dataset (default 1000, CPU 16)")
 parser.add_argument("--datasets", nargs="+", default=list(PROTOCOL), choices=list(PROTOCOL),
                     help="--protocol: the datasets to sample (default all 11)")
 
@@ -170,7 +173,7 @@ def build(name, device, variant="eager"):
     """A frozen random CLIP of OpenAI's sizes (the same weights every time), its blocks compiled for compile variants."""
     torch.manual_seed(0)
     model = CLIP(*SIZES[name]).to(device).eval().requires_grad_(False)
-    return evaluation.compile_encoders(model) if "compile" in variant else model
+    return harness.compile_encoders(model) if "compile" in variant else model
 
 
 def bench_text(model, C, autocast, device, *, repeats, truncated_only=False):
@@ -212,6 +215,21 @@ def sgd(module):
                            weight_decay=5e-4)
 
 
+def training_step(step_loss, module, model, optimizer, *, autocast, cuda_graph=False):
+    """The training step the text-side methods' train() writes (coop.py's `step`): the frozen image encoder, the
+    method's step_loss, backward, SGD; with cuda_graph, wrapped as --cuda-graph wraps it."""
+    def step(inputs, labels):
+        if inputs.dim() == 4:  # images (B, 3, R, R); stored features (B, E) otherwise
+            with torch.no_grad(), autocast():
+                inputs = model.encode_image(inputs).float()  # (B, E)
+        loss, logits = step_loss(module, model, inputs, labels, autocast)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss, logits
+    return harness.cuda_graph(step, optimizer) if cuda_graph else step
+
+
 def method_steps(model, C, autocast, device, batch=4):
     """{name: (step(inputs, labels) factory, inputs, labels)} for each method's training step on C classes."""
     names, tokens = class_names(C), class_prompts(C)
@@ -219,7 +237,7 @@ def method_steps(model, C, autocast, device, batch=4):
     images, labels = torch.randn(batch, 3, R, R, device=device), torch.arange(batch, device=device) % C
 
     def capt_module(argv):  # configured as `python capt.py *argv` would be
-        _, (args,) = evaluation.plan(capt.parser, capt.configure, argv)
+        _, (args,) = plan(capt.parser, capt.configure, capt.__file__, argv)
         module = capt.CaPT(model, names, "a photo of a {}.", capt.CaPTConfig.from_args(args)).to(device)
         module.set_classnames(model, names, autocast)
         return module.train()
@@ -229,7 +247,7 @@ def method_steps(model, C, autocast, device, batch=4):
     with torch.no_grad():
         full.suffix = model.token_embedding(tokens.to(device))[:, 1 + full.n_ctx:].float()  # (C, 77-1-M, D)
         cached = model.encode_image(images).float()  # --cache-views: the step reads stored features (B, E)
-    _, (args,) = evaluation.plan(sempt.parser, sempt.configure, [])
+    _, (args,) = plan(sempt.parser, sempt.configure, sempt.__file__, [])
     semantic = sempt.SemPT(model, names, sempt.SemPTConfig.from_args(args)).to(device)
     E = model.text_projection.shape[1]
     attributes = {c: F.normalize(torch.randn(5, E, device=device), dim=-1) for c in names}  # K = 5 attributes
@@ -261,8 +279,8 @@ def bench_methods(models, C, variants, *, autocast, device, repeats, peak):
         for label, (step_loss, module, inputs) in steps.items():
             if "graph" in variant and label.startswith("capt image"):
                 continue  # not captured (checkpointed chunks): capt.py refuses --cuda-graph with it
-            step = evaluation.training_step(step_loss, module, model, sgd(module), autocast=autocast,
-                                            cuda_graph="graph" in variant)
+            step = training_step(step_loss, module, model, sgd(module), autocast=autocast,
+                                 cuda_graph="graph" in variant)
             if label.startswith("capt image") and variant == "eager":
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
@@ -394,11 +412,10 @@ def sample_training(model, items, C, *, variant, n_steps, autocast, device):
     """(seconds per training step in steady state, seconds each epoch adds: loader start and, for graphs, a capture;
     seconds of the eager warm-up steps, which hold the compilation)."""
     transform = data.transform(model.visual.input_resolution, train=True)
-    batches = data.training_batches(model, items, transform, BATCH, seed=1, device=device, autocast=autocast)
+    batches = experiment.training_batches(model, items, transform, BATCH, seed=1, device=device, autocast=autocast)
     learner = coop.PromptLearner(model, class_names(C)).to(device)
     optimizer = sgd(learner)
-    step = evaluation.training_step(coop.step_loss, learner, model, optimizer, autocast=autocast,
-                                    cuda_graph="graph" in variant)
+    step = training_step(coop.step_loss, learner, model, optimizer, autocast=autocast, cuda_graph="graph" in variant)
     stream = itertools.chain.from_iterable(batches(epoch) for epoch in itertools.count())
     t = time.perf_counter()
     inputs, labels = next(stream)  # the loader's start: every epoch pays it again (no persistent workers)
@@ -450,7 +467,7 @@ def device_name(device):
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    device, autocast = evaluation.device_and_autocast(args.device, args.precision)
+    device, autocast = experiment.device_and_autocast(args.device, args.precision)
     precision = evaluation.precision_of(autocast)
     classes = args.classes or ([10, 100] if args.quick else [10, 100, 1000])
     repeats = args.repeats or (1 if args.quick else 5)

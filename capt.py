@@ -58,29 +58,33 @@ from tqdm import tqdm
 import clip
 import data
 import eval as evaluation
+import experiment
+import harness
 
-parser = evaluation.parser("CaPT / DeCaPT: class-adaptive prompt tuning", epochs=10, batch_size=4, lr=0.0035,
+parser = experiment.parser("CaPT / DeCaPT: class-adaptive prompt tuning", epochs=10, batch_size=4, lr=0.0035,
                            recipe="CaPT")
+experiment.add_frozen_feature_flags(parser)
 # method (unset: the released config of the chosen variant, PRESETS below)
 parser.add_argument("--condition", default="text", choices=["none", "image", "noise", "text"],
                     help="the meta-net's input: none = CoOp, image = CoCoOp, noise = one fixed random vector, text = CaPT")
 parser.add_argument("--base", default="coop", choices=["coop", "kgcoop"], help="the unconditional method CaPT plugs into")
 parser.add_argument("--decapt", action="store_true", help="DeCaPT: KgCoOp + CaPT + DePT's CAT head")
-parser.add_argument("--scale", type=evaluation.finite, default=None, help="SCALE on the condition (CoOp 0.5, KgCoOp 1.0, DeCaPT 0.9)")
-parser.add_argument("--hidden", type=evaluation.positive_int, default=None, help="meta-net hidden width (32; DeCaPT 64)")
-parser.add_argument("--dropout", type=evaluation.fraction, default=None, help="meta-net dropout (0.1; KgCoOp+CaPT 0.0)")
-parser.add_argument("--epsilon", type=evaluation.non_negative, default=None, help="margin-ITM smoothing (CoOp 0.0031, KgCoOp 0.001, DeCaPT 0.0008)")
-parser.add_argument("--kg-weight", type=evaluation.non_negative, default=1.5, help="KgCoOp consistency weight W (CaPT's configs: 1.5)")
-parser.add_argument("--cat-weight", type=evaluation.fraction, default=0.7, help="DePT's lambda: weight of the CAT head (0.7)")
+parser.add_argument("--scale", type=experiment.finite, default=None, help="SCALE on the condition (CoOp 0.5, KgCoOp 1.0, DeCaPT 0.9)")
+parser.add_argument("--hidden", type=experiment.positive_int, default=None, help="meta-net hidden width (32; DeCaPT 64)")
+parser.add_argument("--dropout", type=experiment.fraction, default=None, help="meta-net dropout (0.1; KgCoOp+CaPT 0.0)")
+parser.add_argument("--epsilon", type=experiment.non_negative, default=None, help="margin-ITM smoothing (CoOp 0.0031, KgCoOp 0.001, DeCaPT 0.0008)")
+parser.add_argument("--kg-weight", type=experiment.non_negative, default=1.5, help="KgCoOp consistency weight W (CaPT's configs: 1.5)")
+parser.add_argument("--cat-weight", type=experiment.fraction, default=0.7, help="DePT's lambda: weight of the CAT head (0.7)")
 parser.add_argument("--fusion", default="logits", choices=["logits", "probs"],
                     help="DeCaPT's base-class fusion: logits (DePT's and CaPT's code) or probs (DePT's paper)")
-parser.add_argument("--cat-lr-mult", type=evaluation.positive, default=18.0, help="learning-rate multiplier of the CAT head (DeCaPT: 18)")
-parser.add_argument("--chunk", type=evaluation.positive_int, default=64, help="image condition: prompts per text-encoder call")
+parser.add_argument("--cat-lr-mult", type=experiment.positive, default=18.0, help="learning-rate multiplier of the CAT head (DeCaPT: 18)")
+parser.add_argument("--chunk", type=experiment.positive_int, default=64, help="image condition: prompts per text-encoder call")
+parser.neutral.add("chunk")  # memory, not numbers
 parser.add_argument("--ctx-init", default="a photo of a", help="words the context starts from")
-parser.add_argument("--n-ctx", type=evaluation.positive_int, default=4, help="context length when --ctx-init is ''")
-parser.add_argument("--warmup-lr", type=evaluation.non_negative, default=1e-5, help="constant learning rate of the warm-up epoch")
-parser.add_argument("--momentum", type=evaluation.fraction, default=0.9, help="SGD momentum (Dassl default)")
-parser.add_argument("--weight-decay", type=evaluation.non_negative, default=5e-4, help="SGD weight decay (Dassl default)")
+parser.add_argument("--n-ctx", type=experiment.positive_int, default=4, help="context length when --ctx-init is ''")
+parser.add_argument("--warmup-lr", type=experiment.non_negative, default=1e-5, help="constant learning rate of the warm-up epoch")
+parser.add_argument("--momentum", type=experiment.fraction, default=0.9, help="SGD momentum (Dassl default)")
+parser.add_argument("--weight-decay", type=experiment.non_negative, default=5e-4, help="SGD weight decay (Dassl default)")
 
 # The released configs (configs.py and configs/trainers/*/*.yaml of Koorye/CaPT), per variant.
 PRESETS = {
@@ -292,27 +296,40 @@ def step_loss(capt, model, f, labels, autocast):
 def train(capt, model, split, args, *, device, autocast):
     """SGD over context, meta-net (and CAT head at lr x cat-lr-mult); one line per epoch; a snapshot at each end."""
     transform = split.train_transform(model.visual.input_resolution)
-    batches = data.training_batches(model, split.train, transform, args.batch_size, seed=args.seed, device=device,
-                                    autocast=autocast, views=args.cache_views, store=evaluation.store_dir(args),
-                                    dataset=args.dataset, num_workers=args.workers)
+    batches = experiment.training_batches(model, split.train, transform, args.batch_size, seed=args.seed,
+                                          device=device, autocast=autocast, views=args.cache_views,
+                                          store=evaluation.store_dir(args), dataset=args.dataset,
+                                          num_workers=args.workers)
     head = [p for n, p in capt.named_parameters() if n.startswith(("film_", "classifier"))]
     rest = [p for n, p in capt.named_parameters() if not n.startswith(("film_", "classifier"))]
     groups = [{"params": rest, "base_lr": args.lr}]
     if head:
         groups.append({"params": head, "base_lr": args.lr * args.cat_lr_mult})
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    step = evaluation.training_step(step_loss, capt, model, optimizer, autocast=autocast, cuda_graph=args.cuda_graph)
-    start, _ = evaluation.resume(args.out, capt, optimizer) if args.resume else (0, {})
+
+    def step(inputs, labels):
+        """One training step: the frozen image encoder (no gradients), the loss, backward, SGD."""
+        if inputs.dim() == 4:  # images (B, 3, R, R); --cache-views hands stored features (B, E) instead
+            with torch.no_grad(), autocast():
+                inputs = model.encode_image(inputs).float()  # (B, E)
+        loss, logits = step_loss(capt, model, inputs, labels, autocast)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss, logits
+    if args.cuda_graph:
+        step = harness.cuda_graph(step, optimizer)  # the same step, captured once per learning rate and replayed
+    start, _ = experiment.resume(args.out, capt, optimizer) if args.resume else (0, {})
     for epoch in range(start, args.epochs):
         for group in optimizer.param_groups:  # the warm-up epoch sets every group to warmup_lr
-            group["lr"] = evaluation.lr_at_epoch(epoch, group["base_lr"], args.epochs, args.warmup_lr)
+            group["lr"] = experiment.lr_at_epoch(epoch, group["base_lr"], args.epochs, args.warmup_lr)
         capt.train()
-        meter = evaluation.Meter()
+        meter = experiment.Meter()
         for inputs, labels in tqdm(batches(epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
-            loss, logits = step(inputs, labels)  # encode the images, step_loss, backward, SGD
+            loss, logits = step(inputs, labels)
             meter.add(loss, logits, labels)
         print(f"epoch {epoch + 1}/{args.epochs}  {meter.summary(epoch, optimizer.param_groups[0]['lr'])}")
-        evaluation.snapshot(args.out, capt, optimizer, epoch)
+        experiment.snapshot(args.out, capt, optimizer, epoch)
 
 
 @torch.no_grad()
@@ -356,7 +373,8 @@ def evaluate(capt, model, test, args, *, device, autocast):
 
 
 def configure(args):
-    """DeCaPT implies KgCoOp + text; the image condition is CoCoOp; unset flags take the variant's released config."""
+    """DeCaPT implies KgCoOp + text; the image condition is CoCoOp; unset flags take the variant's released config.
+    The run's name: capt, capt-none, capt-noise, kgcoop+capt ... (from this file's name), cocoop or decapt."""
     if args.decapt and args.condition != "text":
         raise ValueError("--decapt is KgCoOp + CaPT with the text condition; drop --condition")
     if args.condition == "image" and args.base != "coop":
@@ -365,30 +383,35 @@ def configure(args):
         args.base = "kgcoop"
     if args.cuda_graph and args.condition == "image":
         raise ValueError("--cuda-graph: the image condition's checkpointed chunks are not captured; drop --cuda-graph")
-    evaluation.fill(args, PRESETS["decapt" if args.decapt else "cocoop" if args.condition == "image" else args.base])
-    name = {"text": "capt", "none": "capt-none", "noise": "capt-noise", "image": "cocoop"}[args.condition]
+    experiment.fill(args, PRESETS["decapt" if args.decapt else "cocoop" if args.condition == "image" else args.base])
+    own = args.method  # this file's name (capt; a copy's own), for the variants that are CaPT's
+    name = {"text": own, "none": f"{own}-none", "noise": f"{own}-noise", "image": "cocoop"}[args.condition]
     args.method = "decapt" if args.decapt else name if args.base == "coop" else f"kgcoop+{name}"
 
 
 def run(args):
     """One run (one dataset, one seed): train prompt and meta-net (and CAT head), then score every test set."""
     split = data.prepare_for(args)
-    model, device, autocast = evaluation.start_run(args, split)
+    device, autocast = experiment.start(args, split)  # seeded; autocast: bf16 for the frozen CLIP on CUDA, fp32 on CPU
+    model, _ = clip.load(args.backbone, device=device)
+    model.requires_grad_(False)  # CLIP stays frozen: only the context, meta-net (and CAT head) train
+    if args.compile:
+        model = harness.compile_encoders(model)
     capt = CaPT(model, split.classnames, split.template, CaPTConfig.from_args(args), seed=args.seed).to(device)
     capt.set_classnames(model, split.classnames, autocast, kg_template=KGCOOP_TEMPLATES.get(split.dataset))
-    evaluation.show_trainable(capt)
+    experiment.show_trainable(capt)
     if args.eval_only:
-        evaluation.load_checkpoint(args.out, capt)
+        experiment.load_checkpoint(args.out, capt)
     else:
         train(capt, model, split, args, device=device, autocast=autocast)
-        evaluation.save_checkpoint(args.out, capt, split)
+        experiment.save_checkpoint(args.out, capt, split)
     accs = {name: evaluate(capt, model, test, args, device=device, autocast=autocast)
             for name, test in split.tests.items()}
     return evaluation.results(split, accs)
 
 
 def main(argv=None):
-    return evaluation.main(parser, configure, run, argv)
+    return harness.main(parser, configure, run, argv)
 
 
 if __name__ == "__main__":

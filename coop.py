@@ -31,15 +31,18 @@ from tqdm import tqdm
 import clip
 import data
 import eval as evaluation
+import experiment
+import harness
 
-parser = evaluation.parser("CoOp: learned prompt context for CLIP", epochs=10, batch_size=4, lr=0.0035,
+parser = experiment.parser("CoOp: learned prompt context for CLIP", epochs=10, batch_size=4, lr=0.0035,
                            recipe="CaPT's CoOp re-run")
+experiment.add_frozen_feature_flags(parser)
 # method
 parser.add_argument("--ctx-init", default="a photo of a", help="words the context starts from ('' = random init)")
-parser.add_argument("--n-ctx", type=evaluation.positive_int, default=4, help="context length when --ctx-init is '' (CoOp paper: 16)")
-parser.add_argument("--warmup-lr", type=evaluation.non_negative, default=1e-5, help="constant learning rate of the warm-up epoch")
-parser.add_argument("--momentum", type=evaluation.fraction, default=0.9, help="SGD momentum (Dassl default)")
-parser.add_argument("--weight-decay", type=evaluation.non_negative, default=5e-4, help="SGD weight decay (Dassl default)")
+parser.add_argument("--n-ctx", type=experiment.positive_int, default=4, help="context length when --ctx-init is '' (CoOp paper: 16)")
+parser.add_argument("--warmup-lr", type=experiment.non_negative, default=1e-5, help="constant learning rate of the warm-up epoch")
+parser.add_argument("--momentum", type=experiment.fraction, default=0.9, help="SGD momentum (Dassl default)")
+parser.add_argument("--weight-decay", type=experiment.non_negative, default=5e-4, help="SGD weight decay (Dassl default)")
 
 
 class PromptLearner(nn.Module):
@@ -92,22 +95,35 @@ def step_loss(prompt_learner, model, features, labels, autocast):
 def train(module, model, split, args, *, device, autocast):
     """SGD over the module's trainable tensors with Dassl's schedule; one line per epoch; a snapshot at each end."""
     transform = split.train_transform(model.visual.input_resolution)
-    batches = data.training_batches(model, split.train, transform, args.batch_size, seed=args.seed, device=device,
-                                    autocast=autocast, views=args.cache_views, store=evaluation.store_dir(args),
-                                    dataset=args.dataset, num_workers=args.workers)
+    batches = experiment.training_batches(model, split.train, transform, args.batch_size, seed=args.seed,
+                                          device=device, autocast=autocast, views=args.cache_views,
+                                          store=evaluation.store_dir(args), dataset=args.dataset,
+                                          num_workers=args.workers)
     optimizer = torch.optim.SGD(module.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    step = evaluation.training_step(step_loss, module, model, optimizer, autocast=autocast, cuda_graph=args.cuda_graph)
-    start, _ = evaluation.resume(args.out, module, optimizer) if args.resume else (0, {})
+
+    def step(inputs, labels):
+        """One training step: the frozen image encoder (no gradients), the loss, backward, SGD."""
+        if inputs.dim() == 4:  # images (B, 3, R, R); --cache-views hands stored features (B, E) instead
+            with torch.no_grad(), autocast():
+                inputs = model.encode_image(inputs).float()  # (B, E)
+        loss, logits = step_loss(module, model, inputs, labels, autocast)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss, logits
+    if args.cuda_graph:
+        step = harness.cuda_graph(step, optimizer)  # the same step, captured once per learning rate and replayed
+    start, _ = experiment.resume(args.out, module, optimizer) if args.resume else (0, {})
     for epoch in range(start, args.epochs):
-        lr = evaluation.lr_at_epoch(epoch, args.lr, args.epochs, args.warmup_lr)
+        lr = experiment.lr_at_epoch(epoch, args.lr, args.epochs, args.warmup_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        meter = evaluation.Meter()
+        meter = experiment.Meter()
         for inputs, labels in tqdm(batches(epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
-            loss, logits = step(inputs, labels)  # encode the images, step_loss, backward, SGD
+            loss, logits = step(inputs, labels)
             meter.add(loss, logits, labels)
         print(f"epoch {epoch + 1}/{args.epochs}  {meter.summary(epoch, lr)}")
-        evaluation.snapshot(args.out, module, optimizer, epoch)
+        experiment.snapshot(args.out, module, optimizer, epoch)
 
 
 @torch.no_grad()
@@ -126,28 +142,34 @@ def evaluate(model, prompt_learner, test, args, *, device, autocast):
 
 
 def configure(args):
-    """The run's name: CoOp, or zero-shot CLIP when nothing is trained (scored with each dataset's own template)."""
-    args.method = "zero-shot" if args.epochs == 0 else "coop"
+    """The run's name: this file's (coop; a copy is a method of its own), or zero-shot CLIP when nothing is trained
+    (scored with each dataset's own template)."""
+    if args.epochs == 0:
+        args.method = "zero-shot"
 
 
 def run(args):
-    """One run (one dataset, one seed): train the context, then score every test set of the setting."""
+    """One run (one dataset, one seed): load CLIP frozen, train the context, then score every test set."""
     split = data.prepare_for(args)
-    model, device, autocast = evaluation.start_run(args, split)
+    device, autocast = experiment.start(args, split)  # seeded; autocast: bf16 for the frozen CLIP on CUDA, fp32 on CPU
+    model, _ = clip.load(args.backbone, device=device)
+    model.requires_grad_(False)  # CLIP stays frozen: only the prompt learner trains
+    if args.compile:
+        model = harness.compile_encoders(model)
     prompt_learner = PromptLearner(model, split.classnames, ctx_init=args.ctx_init, n_ctx=args.n_ctx).to(device)
-    evaluation.show_trainable(prompt_learner)
+    experiment.show_trainable(prompt_learner)
     if args.eval_only:
-        evaluation.load_checkpoint(args.out, prompt_learner)
+        experiment.load_checkpoint(args.out, prompt_learner)
     else:
         train(prompt_learner, model, split, args, device=device, autocast=autocast)
-        evaluation.save_checkpoint(args.out, prompt_learner, split)
+        experiment.save_checkpoint(args.out, prompt_learner, split)
     accs = {name: evaluate(model, prompt_learner, test, args, device=device, autocast=autocast)
             for name, test in split.tests.items()}
     return evaluation.results(split, accs)
 
 
 def main(argv=None):
-    return evaluation.main(parser, configure, run, argv)
+    return harness.main(parser, configure, run, argv)
 
 
 if __name__ == "__main__":

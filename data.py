@@ -1,4 +1,4 @@
-"""Everything that produces inputs: datasets, the papers' protocols, CLIP's transforms, loaders, training batches.
+"""Everything that produces inputs: datasets, the papers' protocols, CLIP's transforms and loaders (no models).
 
 Datasets are read from their published layouts (CoOp's split files and folders for the 11 prompt-tuning datasets
 and the ImageNet variants; for DA-VPT, VPT's split files in the official folders of CUB-200-2011, NABirds, Stanford
@@ -28,13 +28,10 @@ from PIL import Image
 from torchvision import transforms as T
 from tqdm import tqdm
 
+import files
+import world
 from clip.clip import MEAN, STD  # CLIP's normalisation, one copy for the whole project
-
-ROOT = Path(__file__).resolve().parent / "data"  # the default --root: the built-in world is cached in ROOT/world
-
-
-class InputError(ValueError):
-    """Bad input from the user (a flag, a folder, a file): the scripts print its message as one `error:` line."""
+from files import ROOT, InputError  # noqa: F401  (the default --root; the one error type for bad input)
 
 
 class Item(NamedTuple):
@@ -282,8 +279,7 @@ def load_dataset(name, root, download=False):
     layout = DATASETS[name]
     base = root / layout["dir"]
     if name == "world":
-        import world  # the built-in offline world renders its images on first use
-        base = world.prepare_dataset(root)
+        base = world.prepare_dataset(root)  # the built-in offline world renders its images on first use
     elif download:
         _download(name, root)
     image_dir = base / layout["images"] if name == "dogs" else _need(base / layout["images"], name)
@@ -403,8 +399,7 @@ def _download(name, root):
     label = {c: i for i, c in enumerate(sorted({c for items in pools.values() for _, c in items}))}
     split = {s: [[os.path.relpath(p, image_dir), label[c], c] for p, c in items] for s, items in pools.items()}
     image_dir.mkdir(parents=True, exist_ok=True)
-    import eval as evaluation  # the one atomic writer (eval.py imports this module, so not at the top)
-    evaluation.save_json(target, split)
+    files.save_json(target, split)
     print(f"no CoOp split file for {name}: wrote a deterministic split to {target}")
 
 
@@ -605,59 +600,3 @@ def loader(items, transform, batch_size, train, num_workers=None, seed=None, bat
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train,
                                        drop_last=train and len(items) > batch_size, generator=g if train else None,
                                        num_workers=workers(num_workers), persistent_workers=False)
-
-
-def training_batches(model, items, transform, batch_size, *, seed, device, autocast, views=0, store=None, dataset="",
-                     num_workers=None):
-    """epoch -> iterator over (inputs, labels (B,)) of the few-shot training set, for text-side methods: inputs are
-    images (B, 3, R, R) on the device, which the training step encodes (eval.training_step: so a CUDA graph can
-    hold the image encoder too), or raw image features (B, E) read from stored views.
-
-    Every epoch draws its order and augmentations from a seed of its own (seed, epoch), the same for any number of
-    workers: an interrupted run resumed at epoch e replays exactly what an uninterrupted one does.
-
-    views = 0: online, the papers' way: every step augments and encodes its images.
-    views = K (--cache-views K): K augmented views of every image are encoded once (and stored); each epoch visits
-    every image once, through one of its K views drawn at random. This matches online augmentation in distribution
-    (a view is a draw of the same random transform), not bit for bit, and it reuses views when epochs > K.
-    """
-    import eval as evaluation  # the feature store (eval.py imports this module, so not at the top)
-    g = torch.Generator().manual_seed(seed)
-    if not views:
-        images = loader(items, transform, batch_size, train=True, num_workers=num_workers, seed=seed)
-
-        def online(epoch):
-            torch.manual_seed(seed * 1000 + epoch)  # any other randomness of this epoch (dropout)
-            images.generator.manual_seed(seed * 1000 + epoch)  # its order
-            images.dataset.seed = seed * 1000 + epoch  # its augmentations
-            for x, labels in images:
-                yield x.to(device), labels.to(device)  # (B, 3, R, R), (B,)
-        return online
-    cached = []
-    for v in range(views):  # view v of every image: the train transform under a seed of its own
-        cached.append(evaluation.stored_image_features(
-            model, items, transform, dataset=dataset, part=f"train view {v}/{views} seed {seed}", store=store,
-            device=device, autocast=autocast, seed=seed * 1000 + 999 - v, num_workers=num_workers)[0])
-    feats = torch.stack(cached).to(device)  # (views, N, E)
-    labels = torch.tensor([it.label for it in items], device=device)  # (N,)
-    N = len(items)
-
-    def from_views(epoch):
-        torch.manual_seed(seed * 1000 + epoch)  # any other randomness of this epoch (dropout)
-        g.manual_seed(seed * 1000 + epoch)
-        order = torch.randperm(N, generator=g)
-        drop = N > batch_size and N % batch_size  # as the image loader: never drop the only batch
-        order = order[: N - (N % batch_size)] if drop else order
-        for idx in order.split(batch_size):
-            view = torch.randint(views, (len(idx),), generator=g)
-            yield feats[view.to(device), idx.to(device)], labels[idx.to(device)]  # (B, E) one view each, (B,)
-    return from_views
-
-
-def default_backbone(dataset):
-    """The backbone a script uses when --backbone is 'auto': the world's shipped tiny CLIP for the world, else
-    OpenAI's ViT-B/16 (the papers' backbone)."""
-    if dataset == "world":
-        import world
-        return str(world.shipped_clip())
-    return "ViT-B/16"

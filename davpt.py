@@ -55,94 +55,84 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import clip
 import data
 import eval as evaluation
+import experiment
+import harness
 
-parser = evaluation.parser("DA-VPT: distribution-aware visual prompt tuning on CLIP's ViT", epochs=100, batch_size=32,
-                           lr="the dataset's config, else 1e-3", recipe="paper; AdamW", frozen_image_encoder=False)
+parser = experiment.parser("DA-VPT: distribution-aware visual prompt tuning on CLIP's ViT", epochs=100, batch_size=32,
+                           lr="the dataset's config, else 1e-3", recipe="paper; AdamW")
 parser.set_defaults(setting="fewshot", shots="all")  # the paper's setting: every class, the whole train split
 # method (unset: the dataset's released config in PRESETS_TABLE, else its default row)
 parser.add_argument("--head", default="linear", choices=["linear", "text"],
                     help="linear probe (paper) or CLIP's frozen zero-shot text head (base-to-new)")
 parser.add_argument("--guided-layers", default=None, help="comma-separated guided block indices (paper: the last, 11)")
-parser.add_argument("--num-guided", type=evaluation.natural, default=None, help="M_g prompts per guided layer (code: 10)")
-parser.add_argument("--num-other", type=evaluation.natural, default=None, help="M_o prompts per other layer (code: 20)")
-parser.add_argument("--init-divide", type=evaluation.positive, default=8.0,
+parser.add_argument("--num-guided", type=experiment.natural, default=None, help="M_g prompts per guided layer (code: 10)")
+parser.add_argument("--num-other", type=experiment.natural, default=None, help="M_o prompts per other layer (code: 20)")
+parser.add_argument("--init-divide", type=experiment.positive, default=8.0,
                     help="divide the xavier init by this (most ViT-B configs: 8; 1 = plain xavier)")
 parser.add_argument("--mask", action=argparse.BooleanOptionalAction, default=None,
                     help="prompts attend only to the patches, not to [CLS] or prompts (CUB's config)")
 parser.add_argument("--vpt-norm", default=None, choices=["none", "l2"], help="l2: unit-norm prompts (CUB's config)")
-parser.add_argument("--drop-path", type=evaluation.fraction, default=None,
+parser.add_argument("--drop-path", type=experiment.fraction, default=None,
                     help="stochastic depth of the frozen blocks while training, linear in depth up to this (configs 0-0.1)")
-parser.add_argument("--beta", type=evaluation.non_negative, default=None, help="weight of the tokens<->prompts loss")
-parser.add_argument("--lam", type=evaluation.non_negative, default=None, help="weight of the [CLS] query<->prompts loss")
-parser.add_argument("--alpha", type=evaluation.positive, default=32.0, help="Proxy-Anchor scale (code: 32)")
-parser.add_argument("--delta", type=evaluation.finite, default=0.1, help="Proxy-Anchor margin (code: 0.1)")
-parser.add_argument("--sigma", type=evaluation.non_negative, default=None, help="similarity scale, s = sigma*cos")
+parser.add_argument("--beta", type=experiment.non_negative, default=None, help="weight of the tokens<->prompts loss")
+parser.add_argument("--lam", type=experiment.non_negative, default=None, help="weight of the [CLS] query<->prompts loss")
+parser.add_argument("--alpha", type=experiment.positive, default=32.0, help="Proxy-Anchor scale (code: 32)")
+parser.add_argument("--delta", type=experiment.finite, default=0.1, help="Proxy-Anchor margin (code: 0.1)")
+parser.add_argument("--sigma", type=experiment.non_negative, default=None, help="similarity scale, s = sigma*cos")
 parser.add_argument("--token-feature", default="attn-out", choices=["attn-out", "mean-patch"],
                     help="attn-out = attention output at the assigned prompt (paper); mean-patch = released code")
-parser.add_argument("--dynamic-kmeans", type=evaluation.natural, default=None,
+parser.add_argument("--dynamic-kmeans", type=experiment.natural, default=None,
                     help="re-run k-means at every epoch end from this epoch on (configs: 1 or 10)")
-parser.add_argument("--kmeans-images", type=evaluation.positive_int, default=10, help="images per class for the initial mapping (code: 10)")
+parser.add_argument("--kmeans-images", type=experiment.positive_int, default=10, help="images per class for the initial mapping (code: 10)")
 parser.add_argument("--tune-bias", default="none", choices=["none", "kv", "all"], help="none = DA-VPT, kv = DA-VPT+")
-parser.add_argument("--weight-decay", type=evaluation.non_negative, default=None, help="AdamW weight decay on the prompts")
-parser.add_argument("--wd-head", type=evaluation.non_negative, default=None, help="weight decay of the linear head weight")
-parser.add_argument("--samples-per-class", type=evaluation.positive_int, default=None,
+parser.add_argument("--weight-decay", type=experiment.non_negative, default=None, help="AdamW weight decay on the prompts")
+parser.add_argument("--wd-head", type=experiment.non_negative, default=None, help="weight decay of the linear head weight")
+parser.add_argument("--samples-per-class", type=experiment.positive_int, default=None,
                     help="images per class in a batch (the class sampler; code: 2, Dogs 4)")
-parser.add_argument("--eval-after", type=evaluation.natural, default=None,
+parser.add_argument("--eval-after", type=experiment.natural, default=None,
                     help="from this epoch on, also test after every epoch: acc_best_epoch (code: 60-90)")
-parser.add_argument("--warmup-epochs", type=evaluation.natural, default=10, help="linear warm-up epochs (code: 10)")
-parser.add_argument("--clip-grad", type=evaluation.positive, default=10.0, help="gradient value clipping (code: 10)")
+parser.add_argument("--warmup-epochs", type=experiment.natural, default=10, help="linear warm-up epochs (code: 10)")
+parser.add_argument("--clip-grad", type=experiment.positive, default=10.0, help="gradient value clipping (code: 10)")
 
 # The released ViT-B configs, one line each (Noahsark/DA-VPT configs/fgvc/vitb_*.yaml, configs/vtab/vitb_*.yaml);
 # "default" where none applies (the world, CoOp's datasets, a folder): the code's defaults, guidance in the last block.
-# layers: the guided blocks (ViT-B's 0..11); M_g/M_o: prompts per guided/other block; beta/lam: the two metric-loss
-# weights; sigma: loss_vpt_scale_ratio; dyn: dynamic_kmeans; eval: eval_after; batch x per: the class sampler.
+# guided_layers: the guided blocks (ViT-B's 0..11); num_guided/num_other: prompts per guided/other block (M_g/M_o);
+# beta/lam: the two metric-loss weights; sigma: loss_vpt_scale_ratio; batch_size x samples_per_class: the class sampler.
 # The configs' parser silently skips unknown keys; where a config relies on one, the row holds its intent:
 #   * legacy vpt_and_cls_loss_weight -> beta = lam (skipped, both were 0; with a zero metric loss Dogs' vpt_loss_stop_thr
 #     0.001 also ended training after epoch 0: here it trains its 100 epochs);
 #   ** legacy proxy_prompt_depth -> the blocks it names (skipped, the guidance ran from the start block to 11);
 #   *** smallnorb_ele's file is cut off after its lr: beta, the weight decays and eval are the defaults.
-PRESETS_TABLE = """
-dataset                 lr    layers M_g M_o beta lam  sigma mask norm drop dyn wd    wd_head eval batch per  config
-default                 1e-3  -1     10  20  0.01 0.01 5     no   none 0    1   0.05  3       60   32    2    params.py
-cub                     5e-4  10-11  10  10  0.05 0.05 5     yes  l2   0.1  1   0.05  5       80   32    2    vitb_cub200
-nabirds                 1e-3  9-11   10  5   0.01 0.2  60    no   none 0    10  0.05  3       80   32    2    vitb_bird
-cars                    1e-3  11     60  80  0.05 0.05 60    no   none 0    10  0.05  3       80   32    2    vitb_cars
-dogs                    2e-4  11     10  20  0.01 0.01 1     no   none 0    10  0.05  3       80   64    4    vitb_dogs*
-flowers                 1e-3  11     10  40  0.05 0.05 1     no   none 0    10  0.05  3       60   32    2    vitb_flowers*
-vtab-cifar100           5e-3  3-7    20  20  1    0.05 5     no   none 0.1  1   1     20      90   32    2    vitb_cifar100**
-vtab-caltech101         5e-3  11     10  60  0.01 0.01 1     no   none 0.1  10  0.05  5       90   32    2    vitb_caltech101*
-vtab-dtd                1e-3  11     10  10  0.02 0.02 5     no   none 0.1  10  0.05  5       90   32    2    vitb_dtd*
-vtab-oxford_flowers102  1e-3  11     10  40  0.1  0.1  5     no   none 0    10  0.5   3       90   32    2    vitb_flower102
-vtab-oxford_iiit_pet    1e-3  11     10  5   0.1  0.1  10    no   none 0.1  10  0.05  5       90   32    2    vitb_pet*
-vtab-patch_camelyon     5e-3  11     10  0   0.01 0.01 5     no   none 0    1   10    5       60   32    2    vitb_camelyon
-vtab-eurosat            5e-4  9-11   10  20  0.5  0.01 5     no   none 0    1   5     5e-3    90   32    2    vitb_eurosat
-vtab-resisc45           5e-3  0-4    10  20  0.01 0.05 5     no   none 0    1   1e-4  1       90   32    2    vitb_resisc45**
-vtab-retinopathy        1e-3  11     10  20  0.01 0.01 5     no   none 0    1   0.1   1       60   32    2    vitb_retinopathy
-vtab-clevr_count        1e-3  11     10  10  0.5  0.5  1     no   none 0.1  1   0.01  10      60   32    2    vitb_clerv_count
-vtab-clevr_dist         5e-5  11     5   10  0.01 0.01 5     no   none 0.1  1   1e-3  0.5     60   32    2    vitb_clevr_dist
-vtab-dmlab              5e-3  11     10  10  0.01 0.01 5     no   none 0.1  1   0     0.05    60   32    2    vitb_dmlab
-vtab-dsprites_loc       1e-2  11     10  10  0.1  0.1  5     no   none 0    10  0.5   3       90   32    2    vitb_dspr_loc
-vtab-dsprites_ori       1e-2  3-11   10  20  0.01 0.01 5     no   none 0    1   1e-3  1e-4    90   32    2    vitb_dspr_ori
-vtab-smallnorb_azi      1e-3  11     10  20  0.01 0.01 5     no   none 0.1  1   1     1       60   32    2    vitb_smallnorb_azi
-vtab-smallnorb_ele      5e-5  11     10  5   0.01 0.1  5     no   none 0    10  0.01  3       60   32    2    vitb_smallnorb_ele***
-"""
-FLAGS = dict(layers="guided_layers", M_g="num_guided", M_o="num_other", norm="vpt_norm", drop="drop_path",
-             dyn="dynamic_kmeans", wd="weight_decay", eval="eval_after", batch="batch_size", per="samples_per_class")
-
-
-def presets(table):
-    """{dataset: {flag: value}} from the table: numbers parsed, yes/no as booleans, layers "a-b" as "a,...,b"."""
-    header, *rows = [line.split() for line in table.strip().splitlines()]
-    blocks = lambda a, b: ",".join(str(l) for l in range(int(a), int(b) + 1))  # noqa: E731  "9-11" -> "9,10,11"
-    parse = {"layers": lambda v: blocks(*v.split("-")) if "-" in v[1:] else v, "mask": lambda v: v == "yes",
-             "norm": str}
-    number = lambda v: int(v) if v.isdigit() else float(v)  # noqa: E731
-    return {row[0]: {FLAGS.get(k, k): parse.get(k, number)(v) for k, v in zip(header[1:-1], row[1:-1])} for row in rows}
-
-
-PRESETS = presets(PRESETS_TABLE)
+COLUMNS = ("lr", "guided_layers", "num_guided", "num_other", "beta", "lam", "sigma", "mask", "vpt_norm", "drop_path",
+           "dynamic_kmeans", "weight_decay", "wd_head", "eval_after", "batch_size", "samples_per_class")
+RELEASED = {  # dataset: its values in COLUMNS order,  # the config file
+    "default":                (1e-3, "-1", 10, 20, 0.01, 0.01, 5, False, "none", 0, 1, 0.05, 3, 60, 32, 2),  # params.py
+    "cub":                    (5e-4, "10,11", 10, 10, 0.05, 0.05, 5, True, "l2", 0.1, 1, 0.05, 5, 80, 32, 2),  # vitb_cub200
+    "nabirds":                (1e-3, "9,10,11", 10, 5, 0.01, 0.2, 60, False, "none", 0, 10, 0.05, 3, 80, 32, 2),  # vitb_bird
+    "cars":                   (1e-3, "11", 60, 80, 0.05, 0.05, 60, False, "none", 0, 10, 0.05, 3, 80, 32, 2),  # vitb_cars
+    "dogs":                   (2e-4, "11", 10, 20, 0.01, 0.01, 1, False, "none", 0, 10, 0.05, 3, 80, 64, 4),  # vitb_dogs*
+    "flowers":                (1e-3, "11", 10, 40, 0.05, 0.05, 1, False, "none", 0, 10, 0.05, 3, 60, 32, 2),  # vitb_flowers*
+    "vtab-cifar100":          (5e-3, "3,4,5,6,7", 20, 20, 1, 0.05, 5, False, "none", 0.1, 1, 1, 20, 90, 32, 2),  # vitb_cifar100**
+    "vtab-caltech101":        (5e-3, "11", 10, 60, 0.01, 0.01, 1, False, "none", 0.1, 10, 0.05, 5, 90, 32, 2),  # vitb_caltech101*
+    "vtab-dtd":               (1e-3, "11", 10, 10, 0.02, 0.02, 5, False, "none", 0.1, 10, 0.05, 5, 90, 32, 2),  # vitb_dtd*
+    "vtab-oxford_flowers102": (1e-3, "11", 10, 40, 0.1, 0.1, 5, False, "none", 0, 10, 0.5, 3, 90, 32, 2),  # vitb_flower102
+    "vtab-oxford_iiit_pet":   (1e-3, "11", 10, 5, 0.1, 0.1, 10, False, "none", 0.1, 10, 0.05, 5, 90, 32, 2),  # vitb_pet*
+    "vtab-patch_camelyon":    (5e-3, "11", 10, 0, 0.01, 0.01, 5, False, "none", 0, 1, 10, 5, 60, 32, 2),  # vitb_camelyon
+    "vtab-eurosat":           (5e-4, "9,10,11", 10, 20, 0.5, 0.01, 5, False, "none", 0, 1, 5, 5e-3, 90, 32, 2),  # vitb_eurosat
+    "vtab-resisc45":          (5e-3, "0,1,2,3,4", 10, 20, 0.01, 0.05, 5, False, "none", 0, 1, 1e-4, 1, 90, 32, 2),  # vitb_resisc45**
+    "vtab-retinopathy":       (1e-3, "11", 10, 20, 0.01, 0.01, 5, False, "none", 0, 1, 0.1, 1, 60, 32, 2),  # vitb_retinopathy
+    "vtab-clevr_count":       (1e-3, "11", 10, 10, 0.5, 0.5, 1, False, "none", 0.1, 1, 0.01, 10, 60, 32, 2),  # vitb_clerv_count
+    "vtab-clevr_dist":        (5e-5, "11", 5, 10, 0.01, 0.01, 5, False, "none", 0.1, 1, 1e-3, 0.5, 60, 32, 2),  # vitb_clevr_dist
+    "vtab-dmlab":             (5e-3, "11", 10, 10, 0.01, 0.01, 5, False, "none", 0.1, 1, 0, 0.05, 60, 32, 2),  # vitb_dmlab
+    "vtab-dsprites_loc":      (1e-2, "11", 10, 10, 0.1, 0.1, 5, False, "none", 0, 10, 0.5, 3, 90, 32, 2),  # vitb_dspr_loc
+    "vtab-dsprites_ori":      (1e-2, "3,4,5,6,7,8,9,10,11", 10, 20, 0.01, 0.01, 5, False, "none", 0, 1, 1e-3, 1e-4, 90, 32, 2),  # vitb_dspr_ori
+    "vtab-smallnorb_azi":     (1e-3, "11", 10, 20, 0.01, 0.01, 5, False, "none", 0.1, 1, 1, 1, 60, 32, 2),  # vitb_smallnorb_azi
+    "vtab-smallnorb_ele":     (5e-5, "11", 10, 5, 0.01, 0.1, 5, False, "none", 0, 10, 0.01, 3, 60, 32, 2),  # vitb_smallnorb_ele***
+}
+PRESETS = {name: dict(zip(COLUMNS, row)) for name, row in RELEASED.items()}  # {dataset: {flag: value}}
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -200,7 +190,7 @@ class DAVPT(nn.Module):
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
         else:
-            self.text_weights = text_weights.float()  # (C, E) normalised, frozen; set per test set
+            self.text_weights = text_weights.float()  # (C, E) normalised, frozen: the training classes' head
             self.logit_scale = clip_model.logit_scale.exp().item()  # CLIP's own temperature (100 for OpenAI's)
 
     def prompts(self, l):
@@ -254,10 +244,12 @@ class DAVPT(nn.Module):
             x = x + self.drop_path(block.mlp(block.ln_2(x)), l)
         return vis.head(x), (losses if y_prompt is not None else None)  # (B, E)
 
-    def logits(self, feats):
+    def logits(self, feats, text_weights=None):
+        """(B, C) logits of the linear head, or of CLIP's text head: the training classes', or text_weights (C', E)."""
         if self.cfg.head == "linear":
             return self.head(feats.float())  # (B, C)
-        return self.logit_scale * F.normalize(feats.float(), dim=-1) @ self.text_weights.t()  # (B, C)
+        weights = self.text_weights if text_weights is None else text_weights
+        return self.logit_scale * F.normalize(feats.float(), dim=-1) @ weights.t()  # (B, C')
 
 
 # ----------------------------------------------------------------------------------------------- losses
@@ -379,7 +371,7 @@ def train(model, split, args, *, device, autocast, score):
     opt = optimizer(model, args)
     steps_per_epoch = max(1, len(labels) // args.batch_size)
     total, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
-    start, state = evaluation.resume(args.out, model, opt) if args.resume else (0, {})
+    start, state = experiment.resume(args.out, model, opt) if args.resume else (0, {})
     if state:  # the snapshot's class->prompt mapping and best accuracies so far
         mapping, cent = state["mapping"].to(device), state["centroids"]
     best = state.get("best", {})
@@ -393,7 +385,7 @@ def train(model, split, args, *, device, autocast, score):
         sampler = balanced_batches(labels, args.batch_size, args.samples_per_class, g)
         batches = data.loader(split.train, transform, args.batch_size, train=True, num_workers=args.workers,
                               seed=args.seed * 1000 + epoch, batch_sampler=sampler)
-        meter = evaluation.Meter()
+        meter = experiment.Meter()
         for images, y in tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
             images, y = images.to(device), y.to(device)
             lr = lr_at(step, total, warmup, args.lr)
@@ -420,14 +412,14 @@ def train(model, split, args, *, device, autocast, score):
                 mapping, cent = new.to(device), new_cent
         if epoch + 1 > args.eval_after:  # the released code's model selection: the best epoch on the test set
             best = {k: max(v, best.get(k, v)) for k, v in score().items()}
-        evaluation.snapshot(args.out, model, opt, epoch, mapping=mapping.cpu(), centroids=cent, best=best)
+        experiment.snapshot(args.out, model, opt, epoch, mapping=mapping.cpu(), centroids=cent, best=best)
     return mapping, best
 
 
 # ----------------------------------------------------------------------------------------------- evaluation and run
 @torch.no_grad()
-def evaluate(model, test, args, *, device, autocast):
-    """Top-1 accuracy of the prompted encoder + head on one test set."""
+def evaluate(model, test, args, *, device, autocast, text_weights=None):
+    """Top-1 accuracy of the prompted encoder + head on one test set (text head: its classes' text_weights)."""
     model.eval()
     correct = total = 0
     transform = test.transform(model.clip.visual.input_resolution)
@@ -435,52 +427,48 @@ def evaluate(model, test, args, *, device, autocast):
                           desc=f"{test.dataset} {test.part}", leave=False):
         with autocast():
             feats, _ = model(images.to(device))
-        correct += (model.logits(feats).argmax(1).cpu() == y).sum().item()
+        correct += (model.logits(feats, text_weights).argmax(1).cpu() == y).sum().item()
         total += len(y)
     return 100.0 * correct / max(1, total)
 
 
 def configure(args):
-    """The dataset's released config (else the default row) for every flag left unset; the run's name: DA-VPT, DA-VPT+
-    (--tune-bias), and -texthead for CLIP's text head instead of the paper's linear probe."""
-    evaluation.fill(args, PRESETS.get(args.dataset, PRESETS["default"]))
+    """The dataset's released config (else the default row) for every flag left unset; the run's name: this file's
+    (davpt; a copy's own), + for DA-VPT+ (--tune-bias), and -texthead for CLIP's text head instead of the linear probe."""
+    experiment.fill(args, PRESETS.get(args.dataset, PRESETS["default"]))
     if not all(g.strip().lstrip("-").isdigit() for g in args.guided_layers.split(",")):
         raise ValueError(f"--guided-layers takes block indices like 10,11 (got {args.guided_layers!r})")
-    args.method = {"none": "davpt", "kv": "davpt+", "all": "davpt+all"}[args.tune_bias] + \
-        ("-texthead" if args.head == "text" else "")
+    args.method += {"none": "", "kv": "+", "all": "+all"}[args.tune_bias] + ("-texthead" if args.head == "text" else "")
 
 
 def run(args):
     """One run (one dataset, one seed): train the prompts (and head), then score every test set the head can score."""
     split = data.prepare_for(args)
-    clip_model, device, autocast = evaluation.start_run(args, split)
+    device, autocast = experiment.start(args, split)  # seeded; autocast: bf16 for the frozen CLIP on CUDA, fp32 on CPU
+    clip_model, _ = clip.load(args.backbone, device=device)
+    clip_model.requires_grad_(False)  # frozen, but for the prompts (and with --tune-bias, its biases)
+    if args.compile:
+        clip_model = harness.compile_encoders(clip_model)
     heads = {name: evaluation.zeroshot_weights(clip_model, test.classnames, test.template, device)
              for name, test in split.tests.items()} if args.head == "text" else {}  # (C, E) each, frozen
     model = DAVPT(clip_model, len(split.classnames), DAVPTConfig.from_args(args), heads.get(next(iter(split.tests))))
     model = model.to(device)
-    n_train = evaluation.show_trainable(model)
+    n_train = experiment.show_trainable(model)
     print(f"trainable parameters: {100 * n_train / sum(p.numel() for p in clip_model.visual.parameters()):.3f}% "
           f"of the image encoder")
     scored = {name: test for name, test in split.tests.items()  # the linear head knows only the training classes
               if args.head == "text" or test.classnames == split.classnames}
 
     def score():
-        """{test: accuracy}; with the text head each test set swaps in its own classes, then the training head is put back."""
-        train_head = getattr(model, "text_weights", None)
-        accs = {}
-        for name, test in scored.items():
-            if args.head == "text":
-                model.text_weights = heads[name]
-            accs[name] = evaluate(model, test, args, device=device, autocast=autocast)
-        if args.head == "text":
-            model.text_weights = train_head  # training goes on against the training classes
-        return accs
+        """{test: accuracy}; the text head scores each test set against its own classes."""
+        return {name: evaluate(model, test, args, device=device, autocast=autocast, text_weights=heads.get(name))
+                for name, test in scored.items()}
     best = {}
     if args.eval_only:
-        evaluation.load_checkpoint(args.out, model)
+        experiment.load_checkpoint(args.out, model)
     else:
         mapping, best = train(model, split, args, device=device, autocast=autocast, score=score)
-        evaluation.save_checkpoint(args.out, model, split, mapping=mapping.cpu())
+        experiment.save_checkpoint(args.out, model, split, mapping=mapping.cpu())
     accs = {name: None for name in split.tests} | score()
     skipped = sorted(set(split.tests) - set(scored))
     if skipped:
@@ -491,7 +479,7 @@ def run(args):
 
 
 def main(argv=None):
-    return evaluation.main(parser, configure, run, argv)
+    return harness.main(parser, configure, run, argv)
 
 
 if __name__ == "__main__":

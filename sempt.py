@@ -36,7 +36,6 @@ TAP's {class: {attribute: [...]}}, and CuPL's or DCLIP's {class: [...]} (one att
 Dimension legend: B batch, C classes, K attributes, J sentences, M context tokens, T text tokens, D text width,
 E joint embedding.
 """
-import hashlib
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -49,25 +48,27 @@ from tqdm import tqdm
 import clip
 import data
 import eval as evaluation
+import experiment
+import harness
 
-parser = evaluation.parser("SemPT: prompt tuning with shared attribute descriptions", epochs=10, batch_size=4,
+parser = experiment.parser("SemPT: prompt tuning with shared attribute descriptions", epochs=10, batch_size=4,
                            lr=0.0035, recipe="SemPT's recipe is not public: coop.py's")
+experiment.add_frozen_feature_flags(parser)  # --store also keeps the attribute embeddings
 # method (reconstructed defaults, see the docstring)
 parser.add_argument("--descriptions", default=None,
                     help="one description file for every dataset of the run, cross-dataset targets included "
                          "(default descriptions/<dataset>.json)")
-parser.add_argument("--tau", type=evaluation.positive, default=0.01, help="temperature of the visually guided weighting (0.01)")
-parser.add_argument("--beta", type=evaluation.non_negative, default=1.0, help="weight of the attribute summary in the enhanced embedding (1)")
-parser.add_argument("--attr-weight", type=evaluation.non_negative, default=1.0, help="lambda: weight of the attribute-head loss (1)")
-parser.add_argument("--kg-weight", type=evaluation.non_negative, default=0.0, help="optional KgCoOp term toward CLIP's hand-crafted prompts (0 = off)")
+parser.add_argument("--tau", type=experiment.positive, default=0.01, help="temperature of the visually guided weighting (0.01)")
+parser.add_argument("--beta", type=experiment.non_negative, default=1.0, help="weight of the attribute summary in the enhanced embedding (1)")
+parser.add_argument("--attr-weight", type=experiment.non_negative, default=1.0, help="lambda: weight of the attribute-head loss (1)")
+parser.add_argument("--kg-weight", type=experiment.non_negative, default=0.0, help="optional KgCoOp term toward CLIP's hand-crafted prompts (0 = off)")
 parser.add_argument("--dg-head", default="label", choices=["label", "attr"],
                     help="head for seen classes evaluated in another domain (ImageNet variants); MMRL uses attr")
-parser.add_argument("--cache-dir", default=None, help="where attribute embeddings are cached (default <root>/.cache)")
 parser.add_argument("--ctx-init", default="a photo of a", help="words the context starts from ('' = random init)")
-parser.add_argument("--n-ctx", type=evaluation.positive_int, default=4, help="context length when --ctx-init is ''")
-parser.add_argument("--warmup-lr", type=evaluation.non_negative, default=1e-5, help="constant learning rate of the warm-up epoch")
-parser.add_argument("--momentum", type=evaluation.fraction, default=0.9, help="SGD momentum (Dassl default)")
-parser.add_argument("--weight-decay", type=evaluation.non_negative, default=5e-4, help="SGD weight decay (Dassl default)")
+parser.add_argument("--n-ctx", type=experiment.positive_int, default=4, help="context length when --ctx-init is ''")
+parser.add_argument("--warmup-lr", type=experiment.non_negative, default=1e-5, help="constant learning rate of the warm-up epoch")
+parser.add_argument("--momentum", type=experiment.fraction, default=0.9, help="SGD momentum (Dassl default)")
+parser.add_argument("--weight-decay", type=experiment.non_negative, default=5e-4, help="SGD weight decay (Dassl default)")
 
 
 @dataclass
@@ -123,32 +124,32 @@ def load_descriptions(path, classnames):
 
 
 @torch.no_grad()
-def attribute_embeddings(model, attributes, descriptions, cache_dir, autocast, chunk=256):
-    """{class: (K, E)}: per attribute, the mean of its J sentences' normalised features, normalised. Cached on disk."""
+def attribute_embeddings(model, attributes, descriptions, store, autocast, chunk=256):
+    """{class: (K, E)}: per attribute, the mean of its J sentences' normalised features, normalised; kept in the
+    feature store (--store) under a key of the text encoder's weights, the sentences and the precision."""
     names = list(descriptions)
-    text_weights = evaluation.model_fingerprint(model, part="text")
-    key = hashlib.sha256(json.dumps([text_weights, attributes, descriptions], sort_keys=True).encode()).hexdigest()
-    path = Path(cache_dir) / f"sempt_attributes_{key[:32]}.pt"
-    if path.exists():
-        try:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-            if entry["key"] == key and entry["classnames"] == names:
-                return dict(zip(names, entry["embeddings"].to(model.positional_embedding.device)))
-        except Exception as e:  # a truncated or garbled cache is rebuilt, never trusted
-            print(f"attribute cache {path} is unreadable ({type(e).__name__}); recomputing it")
-    sentences = [(i, k, s) for i, c in enumerate(names) for k, a in enumerate(attributes) for s in descriptions[c][a]]
     device = model.positional_embedding.device
-    feats = []
-    for start in tqdm(range(0, len(sentences), chunk), desc="attribute embeddings", leave=False):
-        tokens = clip.tokenize([s for _, _, s in sentences[start:start + chunk]], truncate=True).to(device)
-        with autocast():
-            feats.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
-    feats = torch.cat(feats)  # (sentences, E)
-    index = torch.tensor([i * len(attributes) + k for i, k, _ in sentences], device=device)
-    sums = torch.zeros(len(names) * len(attributes), feats.shape[1], device=device).index_add_(0, index, feats)
-    A = F.normalize(sums, dim=-1).view(len(names), len(attributes), -1)  # (C, K, E); the mean's 1/J cancels here
-    evaluation.atomic_write(path, lambda tmp: torch.save({"key": key, "classnames": names, "embeddings": A.cpu()}, tmp))
-    return dict(zip(names, A))
+
+    def compute():
+        sentences = [(i, k, s) for i, c in enumerate(names) for k, a in enumerate(attributes) for s in descriptions[c][a]]
+        feats = []
+        for start in tqdm(range(0, len(sentences), chunk), desc="attribute embeddings", leave=False):
+            tokens = clip.tokenize([s for _, _, s in sentences[start:start + chunk]], truncate=True).to(device)
+            with autocast():
+                feats.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+        feats = torch.cat(feats)  # (sentences, E)
+        index = torch.tensor([i * len(attributes) + k for i, k, _ in sentences], device=device)
+        sums = torch.zeros(len(names) * len(attributes), feats.shape[1], device=device).index_add_(0, index, feats)
+        A = F.normalize(sums, dim=-1).view(len(names), len(attributes), -1)  # (C, K, E); the mean's 1/J cancels here
+        return {"embeddings": A.cpu()}
+    if store is None:
+        A = compute()["embeddings"]
+    else:
+        parts = [evaluation.model_fingerprint(model, part="text"), attributes, descriptions,
+                 evaluation.precision_of(autocast)]
+        key = "sempt_attributes_" + evaluation.key_of(parts)[:32]
+        A = evaluation.stored(store, key, compute)["embeddings"]
+    return dict(zip(names, A.to(device)))
 
 
 def attributes_of(model, dataset, classnames, args, autocast):
@@ -156,8 +157,7 @@ def attributes_of(model, dataset, classnames, args, autocast):
     path = args.descriptions or default_descriptions(dataset)
     names, descriptions = load_descriptions(path, classnames)
     print(f"{path}: {len(names)} attributes {names}")
-    return attribute_embeddings(model, names, descriptions, cache_dir=args.cache_dir or Path(args.root) / ".cache",
-                                autocast=autocast)
+    return attribute_embeddings(model, names, descriptions, store=evaluation.store_dir(args), autocast=autocast)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,22 +275,35 @@ def step_loss(sempt, model, features, labels, autocast):
 def train(module, model, split, args, *, device, autocast):
     """SGD over the module's trainable tensors with Dassl's schedule; one line per epoch; a snapshot at each end."""
     transform = split.train_transform(model.visual.input_resolution)
-    batches = data.training_batches(model, split.train, transform, args.batch_size, seed=args.seed, device=device,
-                                    autocast=autocast, views=args.cache_views, store=evaluation.store_dir(args),
-                                    dataset=args.dataset, num_workers=args.workers)
+    batches = experiment.training_batches(model, split.train, transform, args.batch_size, seed=args.seed,
+                                          device=device, autocast=autocast, views=args.cache_views,
+                                          store=evaluation.store_dir(args), dataset=args.dataset,
+                                          num_workers=args.workers)
     optimizer = torch.optim.SGD(module.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    step = evaluation.training_step(step_loss, module, model, optimizer, autocast=autocast, cuda_graph=args.cuda_graph)
-    start, _ = evaluation.resume(args.out, module, optimizer) if args.resume else (0, {})
+
+    def step(inputs, labels):
+        """One training step: the frozen image encoder (no gradients), the loss, backward, SGD."""
+        if inputs.dim() == 4:  # images (B, 3, R, R); --cache-views hands stored features (B, E) instead
+            with torch.no_grad(), autocast():
+                inputs = model.encode_image(inputs).float()  # (B, E)
+        loss, logits = step_loss(module, model, inputs, labels, autocast)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss, logits
+    if args.cuda_graph:
+        step = harness.cuda_graph(step, optimizer)  # the same step, captured once per learning rate and replayed
+    start, _ = experiment.resume(args.out, module, optimizer) if args.resume else (0, {})
     for epoch in range(start, args.epochs):
-        lr = evaluation.lr_at_epoch(epoch, args.lr, args.epochs, args.warmup_lr)
+        lr = experiment.lr_at_epoch(epoch, args.lr, args.epochs, args.warmup_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        meter = evaluation.Meter()
+        meter = experiment.Meter()
         for inputs, labels in tqdm(batches(epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
-            loss, logits = step(inputs, labels)  # encode the images, step_loss, backward, SGD
+            loss, logits = step(inputs, labels)
             meter.add(loss, logits, labels)
         print(f"epoch {epoch + 1}/{args.epochs}  {meter.summary(epoch, lr)}")
-        evaluation.snapshot(args.out, module, optimizer, epoch)
+        experiment.snapshot(args.out, module, optimizer, epoch)
 
 
 @torch.no_grad()
@@ -308,25 +321,28 @@ def evaluate(sempt, model, test, args, *, seen, seen_head, device, autocast):
 
 
 def configure(args):
-    """The run's name (SemPT has no presets)."""
-    args.method = "sempt"
+    """SemPT has no presets; its runs take this file's name (sempt; a copy's own)."""
 
 
 def run(args):
     """One run (one dataset, one seed): train the context with both heads, then score every test set."""
     split = data.prepare_for(args)
-    model, device, autocast = evaluation.start_run(args, split)
+    device, autocast = experiment.start(args, split)  # seeded; autocast: bf16 for the frozen CLIP on CUDA, fp32 on CPU
+    model, _ = clip.load(args.backbone, device=device)
+    model.requires_grad_(False)  # CLIP stays frozen: only the context trains
+    if args.compile:
+        model = harness.compile_encoders(model)
     own = [t for t in split.tests.values() if t.dataset == split.dataset]  # the training dataset's own test sets
     attributes = attributes_of(model, args.dataset, sorted({c for t in own for c in t.classnames}), args,
                                autocast=autocast)
     sempt = SemPT(model, split.classnames, SemPTConfig.from_args(args)).to(device)
-    evaluation.show_trainable(sempt)
+    experiment.show_trainable(sempt)
     if args.eval_only:
-        seen = set(evaluation.load_checkpoint(args.out, sempt)["classnames"])
+        seen = set(experiment.load_checkpoint(args.out, sempt)["classnames"])
     else:
         sempt.set_classnames(model, split.classnames, attributes, split.template)
         train(sempt, model, split, args, device=device, autocast=autocast)
-        evaluation.save_checkpoint(args.out, sempt, split)
+        experiment.save_checkpoint(args.out, sempt, split)
         seen = set(split.classnames)
     accs, heads = {}, {}
     for name, test in split.tests.items():
@@ -340,7 +356,7 @@ def run(args):
 
 
 def main(argv=None):
-    return evaluation.main(parser, configure, run, argv)
+    return harness.main(parser, configure, run, argv)
 
 
 if __name__ == "__main__":

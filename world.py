@@ -34,8 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import clip
-import data
-import eval as evaluation
+import files
 from clip.model import CLIP
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 220, 50),
@@ -109,7 +108,7 @@ def pretraining_set(folder, seed):
                              for i in range(0, n, 5000)])
     tokens = clip.tokenize([caption(c, s, p, z, rng) for c, s, p, z in zip(colour, shape, pattern, size)])
     images = torch.from_numpy(images)
-    evaluation.atomic_write(path, lambda tmp: torch.save({"images": images, "tokens": tokens}, tmp))
+    files.atomic_write(path, lambda tmp: torch.save({"images": images, "tokens": tokens}, tmp))
     return images, tokens
 
 
@@ -148,7 +147,7 @@ def pretrain(images, tokens, steps, seed, batch=PRETRAIN["batch"], lr=PRETRAIN["
 def shipped_clip():
     """Path of the shipped pretrained tiny CLIP, after checking it is the file this code was measured with."""
     if not SHIPPED.exists() or clip.clip.sha256(SHIPPED) != SHIPPED_SHA256:
-        raise data.InputError(f"{SHIPPED} is missing or changed (sha256 differs from the pinned one); restore it with "
+        raise files.InputError(f"{SHIPPED} is missing or changed (sha256 differs from the pinned one); restore it with "
                               f"`git checkout -- world_clip.pt`, or pass --backbone with a CLIP of your own")
     return SHIPPED
 
@@ -161,13 +160,13 @@ def pretrain_clip(root, seed=0):
     start = time.time()
     images, tokens = pretraining_set(folder, seed)
     model, losses = pretrain(images, tokens, PRETRAIN["steps"], seed)
-    evaluation.atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
+    files.atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
     print(f"pretrained in {time.time() - start:.0f} s: loss {np.mean(losses[:50]):.3f} -> {np.mean(losses[-50:]):.3f}; "
           f"saved {path} (use it with --backbone {path})")
     return path
 
 
-def prepare_dataset(root=data.ROOT, seed=0, train_per_class=24, test_per_class=40):
+def prepare_dataset(root=files.ROOT, seed=0, train_per_class=24, test_per_class=40):
     """Folder of the downstream dataset (images + split_world.json in CoOp's split format), rendered on first use."""
     folder = Path(root).expanduser() / "world"
     if (folder / "split_world.json").exists():
@@ -194,7 +193,7 @@ def prepare_dataset(root=data.ROOT, seed=0, train_per_class=24, test_per_class=4
             split["train" if i < train_per_class else "test"].append([rel, label, name])
     shutil.rmtree(folder / "images", ignore_errors=True)
     os.replace(tmp, folder / "images")
-    evaluation.save_json(folder / "split_world.json", split)  # written last: marks the folder complete
+    files.save_json(folder / "split_world.json", split)  # written last: marks the folder complete
     return folder
 
 
@@ -219,7 +218,7 @@ def zero_shot(model, images_uint8, labels, classnames):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Prepare the built-in world's images and report the zero-shot "
                                                  "accuracy of its tiny CLIP (the shipped one, or one you pretrain).")
-    parser.add_argument("--root", default=str(data.ROOT), help="folder under which world/ is prepared (default: data/ "
+    parser.add_argument("--root", default=str(files.ROOT), help="folder under which world/ is prepared (default: data/ "
                                                           "beside the code)")
     parser.add_argument("--pretrain", action="store_true", help="pretrain the tiny CLIP from scratch (~3.5 min on 2 "
                                                                 "CPU cores) instead of using the shipped world_clip.pt")

@@ -28,6 +28,10 @@ _MODELS = {  # name -> (sha256, file name); the hash is part of OpenAI's URL
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
+class LoadError(RuntimeError):
+    """`load` could not make a CLIP of what it was given: an unknown name, no network, a damaged or foreign file."""
+
+
 def available_models():
     return list(_MODELS)
 
@@ -62,11 +66,11 @@ def _download(name, root):
                         bar.update(len(chunk))
         got = sha256(tmp)
         if got != expected:
-            raise RuntimeError(f"downloaded {url} has sha256 {got}, expected {expected}; refusing it "
+            raise LoadError(f"downloaded {url} has sha256 {got}, expected {expected}; refusing it "
                                f"(the cached file, if any, was left as it was). Try again later.")
         os.replace(tmp, target)  # the cached file changes only now, and only to a verified one
     except urllib.error.URLError as e:
-        raise RuntimeError(f"could not download {url} ({e.reason}). Without network, download that file "
+        raise LoadError(f"could not download {url} ({e.reason}). Without network, download that file "
                            f"elsewhere and put it at {target}, or pass a local checkpoint path.") from e
     finally:
         if os.path.exists(tmp):
@@ -86,11 +90,11 @@ def _read_state_dict(path):
                 return torch.jit.load(path, map_location="cpu").state_dict()
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"{path} is not a readable CLIP checkpoint (truncated or corrupt?): {e}") from e
+        raise LoadError(f"{path} is not a readable CLIP checkpoint (truncated or corrupt?): {e}") from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]  # an open_clip training checkpoint
     if not isinstance(sd, dict):
-        raise RuntimeError(f"{path} holds a {type(sd).__name__}, not a state dict")
+        raise LoadError(f"{path} holds a {type(sd).__name__}, not a state dict")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
@@ -107,6 +111,9 @@ def load(name_or_path, device="cpu", download_root=None):
     elif os.path.isfile(os.path.expanduser(str(name_or_path))):
         path = Path(name_or_path).expanduser()
     else:
-        raise RuntimeError(f"{name_or_path!r} is neither a known model ({', '.join(_MODELS)}) nor a file")
-    model = build_model(_read_state_dict(path)).to(device)
+        raise LoadError(f"{name_or_path!r} is neither a known model ({', '.join(_MODELS)}) nor a file")
+    try:
+        model = build_model(_read_state_dict(path)).to(device)
+    except (KeyError, ValueError) as e:  # not a CLIP ViT's state dict: say which file
+        raise LoadError(f"{path}: {e.args[0] if e.args else e}") from e
     return model, transform(model.visual.input_resolution)

@@ -28,10 +28,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: clip, data, eval
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: clip, data, experiment, files
 import clip  # noqa: E402
 import data  # noqa: E402
-import eval as evaluation  # noqa: E402
+import experiment  # noqa: E402
+import files  # noqa: E402
 
 PROMPT_VERSION = "v1"
 SYSTEM = "You are an expert in visual recognition. Answer with one JSON object and nothing else."
@@ -61,14 +62,14 @@ parser.add_argument("--force", action="store_true", help="overwrite --out if it 
 parser.add_argument("--llm-url", default="https://api.openai.com/v1", help="base URL of an OpenAI-compatible chat API")
 parser.add_argument("--llm-model", default="gpt-4o", help="chat model name")
 parser.add_argument("--llm-key-env", default="OPENAI_API_KEY", help="NAME of the environment variable holding the API key")
-parser.add_argument("--llm-timeout", type=evaluation.positive, default=120.0, help="seconds to wait for one answer")
+parser.add_argument("--llm-timeout", type=experiment.positive, default=120.0, help="seconds to wait for one answer")
 parser.add_argument("--llm-json-mode", action=argparse.BooleanOptionalAction, default=True,
                     help="ask for response_format json_object (--no-llm-json-mode for servers without it)")
-parser.add_argument("--llm-retries", type=evaluation.positive_int, default=5, help="tries per question before giving up")
-parser.add_argument("--llm-backoff", type=evaluation.non_negative, default=2.0, help="first wait between tries, doubled after each")
+parser.add_argument("--llm-retries", type=experiment.positive_int, default=5, help="tries per question before giving up")
+parser.add_argument("--llm-backoff", type=experiment.non_negative, default=2.0, help="first wait between tries, doubled after each")
 parser.add_argument("--domain", default=None, help="what the dataset shows, for the prompts (default: per dataset)")
-parser.add_argument("--n-attributes", type=evaluation.positive_int, default=5, help="K: shared attributes asked for in step 1 (5)")
-parser.add_argument("--n-sentences", type=evaluation.positive_int, default=3, help="J: sentences per attribute asked for in step 2 (3)")
+parser.add_argument("--n-attributes", type=experiment.positive_int, default=5, help="K: shared attributes asked for in step 1 (5)")
+parser.add_argument("--n-sentences", type=experiment.positive_int, default=3, help="J: sentences per attribute asked for in step 2 (3)")
 
 
 def ask(url, model, messages, key, timeout, json_mode=True):
@@ -131,7 +132,7 @@ def cached_answer(prompt, validate, args, key, cache_dir, what):
         try:
             answer = parse_json(ask(args.llm_url, args.llm_model, messages, key, args.llm_timeout, args.llm_json_mode))
             result = validate(answer)
-            evaluation.save_json(path, answer)
+            files.save_json(path, answer)
             return result
         except urllib.error.HTTPError as e:
             if e.code in (400, 401, 403, 404):
@@ -178,7 +179,7 @@ def describe(args):
         descriptions[name] = cached_answer(prompt, lambda a: check_sentences(a, attributes), args, key, cache_dir,
                                            f"step 2 ({name})")
     how = f"{args.llm_model}, the {PROMPT_VERSION} prompts through describe.py's client"
-    evaluation.save_json(out, {"dataset": args.dataset, "llm": how, "prompt_version": PROMPT_VERSION,
+    files.save_json(out, {"dataset": args.dataset, "llm": how, "prompt_version": PROMPT_VERSION,
                                "attributes": attributes, "descriptions": descriptions})
     print(f"wrote {out}: {len(classnames)} classes x {len(attributes)} attributes")
     return out
@@ -188,7 +189,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return describe(args)
-    except data.InputError as e:  # bad input (a dataset name, a missing folder): one line, as the training scripts
+    except files.InputError as e:  # bad input (a dataset name, a missing folder): one line, as the training scripts
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -13,6 +13,8 @@ import clip
 import coop
 import eval as evaluation
 from conftest import NAMES
+import files
+from harness import runs
 
 OFF = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731  fp32 everywhere
 
@@ -21,7 +23,7 @@ def make(tiny, argv=()):
     """A frozen tiny CLIP and a CaPT module configured exactly as `python capt.py *argv` would configure it."""
     model, _ = clip.load(str(tiny / "clip.pt"))
     model.requires_grad_(False)
-    _, (args,) = evaluation.plan(capt.parser, capt.configure, list(argv))
+    _, (args,) = runs.plan(capt.parser, capt.configure, capt.__file__, list(argv))
     cfg = capt.CaPTConfig.from_args(args)
     module = capt.CaPT(model, NAMES, "a photo of a {}.", cfg, seed=args.seed)
     module.set_classnames(model, NAMES, OFF)
@@ -151,10 +153,10 @@ def test_condition_none_without_margin_is_coop(tiny, tmp_path):
 def test_image_condition_is_the_released_cocoop(tiny):
     """--condition image = CoCoOp (CaPT's base_trainers/cocoop.py): its recipe, Linear-ReLU-Linear with PyTorch's init,
     and a plain cross-entropy over per-image prompts ctx + meta(normalised image feature), built here by hand."""
-    _, (args,) = evaluation.plan(capt.parser, capt.configure, ["--condition", "image"])
+    _, (args,) = runs.plan(capt.parser, capt.configure, capt.__file__, ["--condition", "image"])
     assert (args.method, args.batch_size, args.lr, args.epsilon, args.dropout, args.scale, args.hidden) == \
         ("cocoop", 1, 0.002, 0.0, 0.0, 1.0, 32)
-    _, (mine,) = evaluation.plan(capt.parser, capt.configure, ["--condition", "image", "--batch-size", "4"])
+    _, (mine,) = runs.plan(capt.parser, capt.configure, capt.__file__, ["--condition", "image", "--batch-size", "4"])
     assert mine.batch_size == 4 and mine.lr == 0.002  # a flag still overrides the preset
     model, module, cfg = make(tiny, ["--condition", "image"])
     meta = module.meta
@@ -174,7 +176,7 @@ def test_image_condition_is_the_released_cocoop(tiny):
     assert torch.allclose(logits, reference, atol=1e-4)
     assert loss.item() == pytest.approx(F.cross_entropy(reference, labels).item(), abs=1e-5)
     with pytest.raises(SystemExit):  # CoCoOp has no KgCoOp variant
-        evaluation.plan(capt.parser, capt.configure, ["--condition", "image", "--base", "kgcoop"])
+        runs.plan(capt.parser, capt.configure, capt.__file__, ["--condition", "image", "--base", "kgcoop"])
 
 
 def test_kgcoop_target_uses_kgcoops_own_dtd_template(tiny):

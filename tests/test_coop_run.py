@@ -15,6 +15,8 @@ import clip
 import coop
 import eval as evaluation
 from conftest import NAMES
+import files
+import experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +47,7 @@ def test_one_step_changes_only_the_context(tiny):
 
 
 def test_lr_schedule_matches_dassl():
-    lrs = [evaluation.lr_at_epoch(e, 0.0035, 10, 1e-5) for e in range(10)]
+    lrs = [experiment.lr_at_epoch(e, 0.0035, 10, 1e-5) for e in range(10)]
     assert lrs[0] == 1e-5 and lrs[1] == pytest.approx(0.0035)
     assert lrs[-1] == pytest.approx(0.0035 * 0.5 * (1 + np.cos(np.pi * 8 / 10)))  # ~0.095 lr0 in the last epoch
 

@@ -13,6 +13,8 @@ import davpt
 import eval as evaluation
 from clip.model import set_sdpa
 from conftest import make_clip, write_images
+import files
+from harness import runs
 
 
 def tiny_clip(seed=0):
@@ -271,7 +273,7 @@ def test_vtab_1k_trains_on_all_1000_without_augmentation_and_val_tunes_on_800_20
 
 
 def test_released_presets_reach_model_and_optimizer_and_flags_override_them():
-    (cub,) = evaluation.plan(davpt.parser, davpt.configure, ["--dataset", "cub", "--root", "/nowhere"])[1]
+    (cub,) = runs.plan(davpt.parser, davpt.configure, davpt.__file__, ["--dataset", "cub", "--root", "/nowhere"])[1]
     assert (cub.lr, cub.guided_layers, cub.num_guided, cub.num_other, cub.beta, cub.lam, cub.sigma) == \
         (5e-4, "10,11", 10, 10, 0.05, 0.05, 5)
     assert (cub.mask, cub.vpt_norm, cub.drop_path, cub.dynamic_kmeans, cub.wd_head, cub.eval_after) == (True, "l2", 0.1, 1, 5, 80)
@@ -281,12 +283,12 @@ def test_released_presets_reach_model_and_optimizer_and_flags_override_them():
     assert model.guided == [10, 11] and model.proxy_prompts.shape == (2, 10, 64) and model.other_prompts.shape == (10, 10, 64)
     groups = davpt.optimizer(model, cub).param_groups
     assert [g["lr"] for g in groups] == [5e-4] * 3 and [g["weight_decay"] for g in groups] == [0.05, 0.0, 5]
-    (mine,) = evaluation.plan(davpt.parser, davpt.configure, ["--dataset", "cub", "--root", "/nowhere", "--lr", "0.01",
+    (mine,) = runs.plan(davpt.parser, davpt.configure, davpt.__file__, ["--dataset", "cub", "--root", "/nowhere", "--lr", "0.01",
                                                                "--no-mask"])[1]
     assert (mine.lr, mine.mask, mine.num_other) == (0.01, False, 10) and mine.variant == "lr0.01_maskFalse"
-    (dogs,) = evaluation.plan(davpt.parser, davpt.configure, ["--dataset", "dogs", "--root", "/nowhere"])[1]
+    (dogs,) = runs.plan(davpt.parser, davpt.configure, davpt.__file__, ["--dataset", "dogs", "--root", "/nowhere"])[1]
     assert (dogs.beta, dogs.lam, dogs.batch_size, dogs.samples_per_class) == (0.01, 0.01, 64, 4)  # the config's intent
-    (world,) = evaluation.plan(davpt.parser, davpt.configure, [])[1]
+    (world,) = runs.plan(davpt.parser, davpt.configure, davpt.__file__, [])[1]
     assert (world.guided_layers, world.lr, world.mask) == ("-1", 1e-3, False)  # no config: the code's defaults
 
 

@@ -24,6 +24,9 @@ import eval as evaluation
 import sempt
 import world
 from conftest import write_images
+import harness
+import files
+from harness import runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +60,7 @@ def test_another_learning_rate_gets_its_own_folder_and_table_row(tiny, tmp_path,
 
 
 def test_values_equal_to_the_defaults_or_presets_change_nothing():
-    name = lambda module, args: evaluation.plan(module.parser, module.configure, args)[1][0]  # noqa: E731
+    name = lambda module, args: runs.plan(module.parser, module.configure, module.__file__, args)[1][0]  # noqa: E731
     plain, same, other = (name(capt, a) for a in (["--decapt"], ["--decapt", "--scale", "0.9", "--lr", "0.0035"],
                                                   ["--decapt", "--scale", "0.5"]))
     assert plain.out == same.out and plain.variant == "" and other.variant == "scale0.5"
@@ -189,10 +192,10 @@ def test_tables_keep_shot_counts_apart_and_rows_without_a_groups_targets(tmp_pat
     """Base-to-new: a 4-shot run is not averaged into the 16-shot row. Cross-dataset: a source tested only on an
     ImageNet variant shows "–" as its cross-dataset average (no division by zero)."""
     for shots, base in [(16, 80.0), (4, 60.0)]:
-        evaluation.save_json(tmp_path / f"b{shots}/results.json", {"method": "coop", "dataset": "dtd", "seed": 1,
+        files.save_json(tmp_path / f"b{shots}/results.json", {"method": "coop", "dataset": "dtd", "seed": 1,
                                                                    "shots": shots, "base_acc": base, "new_acc": 50.0})
     for method, targets in [("coop", {"dtd": 40.0}), ("capt", {"imagenetv2": 60.0})]:
-        evaluation.save_json(tmp_path / f"x{method}/results.json", {
+        files.save_json(tmp_path / f"x{method}/results.json", {
             "method": method, "setting": "crossdataset", "dataset": "imagenet", "seed": 1, "shots": 16, "acc": 70.0,
             "targets": targets})
     results = evaluation.read_results(tmp_path)
@@ -203,7 +206,7 @@ def test_tables_keep_shot_counts_apart_and_rows_without_a_groups_targets(tmp_pat
 
 
 def test_tables_skip_a_corrupt_results_file_with_a_warning(tmp_path, capsys):
-    evaluation.save_json(tmp_path / "a/results.json", {"method": "coop", "dataset": "dtd", "seed": 1, "shots": 16,
+    files.save_json(tmp_path / "a/results.json", {"method": "coop", "dataset": "dtd", "seed": 1, "shots": 16,
                                                        "base_acc": 80.0, "new_acc": 60.0})
     (tmp_path / "b").mkdir()
     (tmp_path / "b/results.json").write_text("{")
@@ -212,14 +215,14 @@ def test_tables_skip_a_corrupt_results_file_with_a_warning(tmp_path, capsys):
 
 
 def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tiny, tmp_path):
-    out = subprocess.run([sys.executable, "coop.py", "--dataset", "dtd", "--root", str(tmp_path), "--device", "cpu"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, str(ROOT / "coop.py"), "--dataset", "dtd", "--root", str(tmp_path),
+                          "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.startswith("error:") and "Traceback" not in out.stderr
 
     def buggy(args):
         raise ZeroDivisionError("a bug")
     with pytest.raises(ZeroDivisionError):
-        evaluation.main(coop.parser, coop.configure, buggy, argv(tiny, tmp_path / "run"))
+        harness.main(coop.parser, coop.configure, buggy, argv(tiny, tmp_path / "run"))
 
 
 # 5. Where things are written --------------------------------------------------------------------------------------

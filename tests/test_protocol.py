@@ -12,6 +12,8 @@ from PIL import Image
 
 import data
 import eval as evaluation
+import files
+import experiment
 
 SPLITS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "coop_splits"
 
@@ -137,7 +139,7 @@ def test_harmonic_mean_and_average_by_hand():
 
 def test_table_aggregates_seeds_and_datasets(tmp_path):
     for d, seed, b, n in [("dtd", 1, 80, 40), ("dtd", 2, 70, 50), ("eurosat", 1, 90, 60)]:
-        evaluation.save_json(tmp_path / d / str(seed) / "results.json", {"method": "coop", "dataset": d, "seed": seed,
+        files.save_json(tmp_path / d / str(seed) / "results.json", {"method": "coop", "dataset": d, "seed": seed,
                                                                          "shots": 16, "base_acc": b, "new_acc": n})
     table = evaluation.base2new_table(evaluation.read_results(tmp_path))
     assert "| coop | dtd | 75.00 | 45.00 | 56.25 | 2 seeds |" in table  # mean base, mean new, H of the means
@@ -159,7 +161,7 @@ def test_feature_store_keys_invalidation_and_corruption(tmp_path):
                     ("abc", "dtd", "test", "T2", ["a.jpg", "b.jpg"]), ("abc", "dtd", "test", "T", ["a.jpg"])]:
         assert evaluation.store_key(*changed) != key
     assert evaluation.store_key("abc", "dtd", "test", "T", ["a.jpg", "b.jpg"], precision="bfloat16") != key
-    bf16 = evaluation.device_and_autocast("cpu", "bf16")[1]
+    bf16 = experiment.device_and_autocast("cpu", "bf16")[1]
     assert evaluation.precision_of(bf16) == "bfloat16" and evaluation.precision_of(lambda: bf16().__class__(
         "cpu", enabled=False)) == "fp32"
     (tmp_path / f"{key}.pt").write_bytes(b"garbage")
@@ -244,7 +246,7 @@ def test_cached_views_visit_every_image_once_per_epoch_through_a_stored_view(tin
     items = data.load_dataset("folder", tiny / "ds").train  # 15 images
     tf = data.transform(32, train=True)
     off = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
-    batches = data.training_batches(model, items, tf, 4, seed=1, device="cpu", autocast=off, views=3, store=tmp_path,
+    batches = experiment.training_batches(model, items, tf, 4, seed=1, device="cpu", autocast=off, views=3, store=tmp_path,
                                     dataset="t")
     assert len(list(tmp_path.glob("*.pt"))) == 3  # one stored file per view
     views = torch.stack([evaluation.cached_image_features(tmp_path, k, None)[0] for k in sorted(

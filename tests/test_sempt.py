@@ -272,7 +272,7 @@ def test_generator_resumes_after_a_kill_without_asking_again(tiny, tmp_path, llm
 def test_main_trains_then_eval_only_reproduces(tiny, descriptions, tmp_path):
     argv = ["--dataset", "folder", "--root", str(tiny / "ds"), "--backbone", str(tiny / "clip.pt"), "--shots", "2",
             "--epochs", "2", "--lr", "0.05", "--device", "cpu", "--workers", "0", "--out", str(tmp_path / "run"),
-            "--descriptions", str(descriptions), "--cache-dir", str(tmp_path / "cache")]
+            "--descriptions", str(descriptions), "--store", str(tmp_path / "cache")]
     model, _ = clip.load(str(tiny / "clip.pt"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trained = sempt.main(argv)

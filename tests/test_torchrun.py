@@ -19,6 +19,8 @@ import torch
 
 import coop
 import eval as evaluation
+from harness import torchrun as spreading
+from harness import runs
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD_CLIP = str(ROOT / "world_clip.pt")
@@ -57,9 +59,9 @@ def finished(out):
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
 def test_torchrun_spreads_the_runs_and_after_a_kill_the_same_command_does_only_the_missing_ones(tmp_path):
     argv = command(tmp_path, "spread", "store", "--resume")  # a killed run continues from its last epoch's snapshot
-    jobs = evaluation.plan(coop.parser, coop.configure, argv)[1]
+    jobs = runs.plan(coop.parser, coop.configure, coop.__file__, argv)[1]
     names = [Path(one.out).name for one in jobs]
-    given = dict(zip(names, evaluation.assign([evaluation.expected_cost(one) for one in jobs], 2)))
+    given = dict(zip(names, spreading.assign([spreading.expected_cost(one) for one in jobs], 2)))
     assert sorted(given.values()) == [0, 0, 1, 1]  # equal costs: two runs each
 
     # 1. Two ranks; rank 1 is killed as soon as its first run is finished (torchrun then stops rank 0).
@@ -83,7 +85,7 @@ def test_torchrun_spreads_the_runs_and_after_a_kill_the_same_command_does_only_t
     # 2. The same command again: only the missing runs, spread over both ranks by the same rule.
     missing = [one for one in jobs if Path(one.out).name not in before]
     given_again = dict(zip([Path(one.out).name for one in missing],
-                           evaluation.assign([evaluation.expected_cost(one) for one in missing], 2)))
+                           spreading.assign([spreading.expected_cost(one) for one in missing], 2)))
     second = torchrun(argv)
     out2, err2 = second.communicate(timeout=300)
     assert second.returncode == 0, err2[-3000:]
@@ -116,8 +118,8 @@ def test_torchrun_spreads_the_runs_and_after_a_kill_the_same_command_does_only_t
 def test_a_rank_with_bad_input_names_its_unfinished_run_and_the_other_rank_finishes(tmp_path):
     argv = ["--dataset", "world", "dtd", "--root", str(tmp_path / "data"), "--out", str(tmp_path / "runs"),
             "--backbone", WORLD_CLIP, "--device", "cpu", "--workers", "0", "--epochs", "0"]  # no dtd under --root
-    jobs = evaluation.plan(coop.parser, coop.configure, argv)[1]
-    assert evaluation.assign([evaluation.expected_cost(one) for one in jobs], 2) == [1, 0]  # dtd costs more
+    jobs = runs.plan(coop.parser, coop.configure, coop.__file__, argv)[1]
+    assert spreading.assign([spreading.expected_cost(one) for one in jobs], 2) == [1, 0]  # dtd costs more
     proc = torchrun(argv)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode != 0
@@ -127,13 +129,13 @@ def test_a_rank_with_bad_input_names_its_unfinished_run_and_the_other_rank_finis
 
 
 def test_runs_are_assigned_by_expected_cost_not_by_count():
-    jobs = evaluation.plan(coop.parser, coop.configure, ["--dataset", "imagenet", "eurosat", "dtd", "--seed", "1", "2"])[1]
-    costs = [evaluation.expected_cost(one) for one in jobs]  # imagenet 1, 2, eurosat 1, 2, dtd 1, 2
+    jobs = runs.plan(coop.parser, coop.configure, coop.__file__, ["--dataset", "imagenet", "eurosat", "dtd", "--seed", "1", "2"])[1]
+    costs = [spreading.expected_cost(one) for one in jobs]  # imagenet 1, 2, eurosat 1, 2, dtd 1, 2
     assert costs[0] == costs[1] > 10 * max(costs[2:])  # 500 base classes x 16 shots x 10 epochs + 50,000 test images
-    assert evaluation.assign(costs, 3) == [0, 1, 2, 2, 2, 2]  # the two ImageNet runs alone weigh more than the rest
-    assert evaluation.assign([1, 1, 1, 1], 2) == [0, 1, 0, 1]
-    zero_shot = evaluation.plan(coop.parser, coop.configure, ["--dataset", "dtd", "--epochs", "0"])[1][0]
-    assert evaluation.expected_cost(zero_shot) == 1692  # nothing trained: its test images
+    assert spreading.assign(costs, 3) == [0, 1, 2, 2, 2, 2]  # the two ImageNet runs alone weigh more than the rest
+    assert spreading.assign([1, 1, 1, 1], 2) == [0, 1, 0, 1]
+    zero_shot = runs.plan(coop.parser, coop.configure, coop.__file__, ["--dataset", "dtd", "--epochs", "0"])[1][0]
+    assert spreading.expected_cost(zero_shot) == 1692  # nothing trained: its test images
 
 
 def test_resume_continues_only_unfinished_runs(tiny, tmp_path, capsys):
