@@ -9,6 +9,7 @@ import argparse
 import ast
 import hashlib
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -170,10 +171,17 @@ def run_one(run, args, ranks=None):
     ranks: (rank, world size) of the torchrun process that does it."""
     start = time.time()
     show(args)
+    folder = Path(args.out).absolute()
+    created = [p for p in [folder, *folder.parents] if not p.exists()]  # the folders this run makes, deepest first
     if not args.eval_only:
-        files.save_json(Path(args.out) / "args.json", vars(args))
-    results = {"method": args.method, "variant": args.variant, "setting": args.setting, "dataset": args.dataset,
-               "seed": args.seed, "shots": args.shots, "backbone": args.backbone} | run(args)
+        files.save_json(folder / "args.json", vars(args))
+    try:
+        results = {"method": args.method, "variant": args.variant, "setting": args.setting, "dataset": args.dataset,
+                   "seed": args.seed, "shots": args.shots, "backbone": args.backbone} | run(args)
+    except files.InputError:  # bad input found inside the run (a missing dataset): leave no folder of ours behind
+        if created:
+            shutil.rmtree(created[-1], ignore_errors=True)
+        raise
     results["wall_time"] = time.time() - start
     results["code"] = args.code
     if ranks:  # which process did the run (torchrun)

@@ -123,10 +123,14 @@ def test_a_diverging_run_stops_with_an_error_and_writes_no_results(tiny, tmp_pat
 
 # 3. Cheap checks before expensive ones ----------------------------------------------------------------------------
 
-def test_a_missing_dataset_is_reported_before_any_model_is_loaded(tmp_path, monkeypatch, capsys):
+def test_a_missing_dataset_is_reported_before_any_model_is_loaded_and_leaves_no_run_folder(tmp_path, monkeypatch,
+                                                                                          capsys):
     monkeypatch.setattr(clip, "load", lambda *a, **k: pytest.fail("the model was loaded before the data was checked"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs/coop").mkdir(parents=True)  # a folder that was there before stays
     err = exits_2(coop.main, ["--dataset", "dtd", "--root", str(tmp_path), "--device", "cpu"], capsys)
     assert err.startswith("error:") and "dtd" in err and "--download" in err
+    assert [p.name for p in (tmp_path / "runs").rglob("*")] == ["coop"]
     assert "unknown dataset" in exits_2(coop.main, ["--dataset", "nosuch"], capsys)
 
 
