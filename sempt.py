@@ -10,8 +10,10 @@ attribute-enhanced embeddings. At test, seen classes use the label head and unse
     python sempt.py                                             # the built-in offline world (CPU, seconds)
     python sempt.py --dataset eurosat --root ~/data             # a real benchmark with OpenAI's ViT-B/16
 
-The descriptions are data, written once per dataset by descriptions/describe.py (the two prompts, the LLM client,
-validation and cache live there) and shipped for the world, EuroSAT, DTD and Oxford Pets:
+The descriptions are data, shipped for the world and CoOp's 11 datasets (ImageNet's file also serves its four
+variants): describe.py's two v1 prompts answered by hand, class by class, by Claude (each file's "llm" says so),
+5 attributes x 3 sentences per class (ImageNet: 2). descriptions/describe.py writes one for any other dataset
+with any OpenAI-compatible endpoint (the two prompts, the client, validation and cache live there):
     OPENAI_API_KEY=... python descriptions/describe.py --dataset dtd --root ~/data --llm-model gpt-4o
 
 What is SemPT's and what is reconstructed. The paper's body and code are not public; its abstract states: the
@@ -64,7 +66,7 @@ parser.add_argument("--attr-weight", type=experiment.non_negative, default=1.0, 
 parser.add_argument("--kg-weight", type=experiment.non_negative, default=0.0, help="optional KgCoOp term toward CLIP's hand-crafted prompts (0 = off)")
 parser.add_argument("--dg-head", default="label", choices=["label", "attr"],
                     help="head for seen classes evaluated in another domain (ImageNet variants); MMRL uses attr")
-parser.add_argument("--ctx-init", default="a photo of a", help="words the context starts from ('' = random init)")
+parser.add_argument("--ctx-init", default="a photo of a", help="words the context starts from ('' = random init); one vector per token (official: per word)")
 parser.add_argument("--n-ctx", type=experiment.positive_int, default=4, help="context length when --ctx-init is ''")
 parser.add_argument("--warmup-lr", type=experiment.non_negative, default=1e-5, help="constant learning rate of the warm-up epoch")
 parser.add_argument("--momentum", type=experiment.fraction, default=0.9, help="SGD momentum (Dassl default)")
