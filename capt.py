@@ -70,7 +70,7 @@ parser.add_argument("--condition", default="text", choices=["none", "image", "no
 parser.add_argument("--base", default="coop", choices=["coop", "kgcoop"], help="the unconditional method CaPT plugs into")
 parser.add_argument("--decapt", action="store_true", help="DeCaPT: KgCoOp + CaPT + DePT's CAT head")
 parser.add_argument("--scale", type=experiment.finite, default=None, help="SCALE on the condition (CoOp 0.5, KgCoOp 1.0, DeCaPT 0.9)")
-parser.add_argument("--hidden", type=experiment.positive_int, default=None, help="meta-net hidden width (32; DeCaPT 64)")
+parser.add_argument("--hidden", type=experiment.positive_int, default=None, help="meta-net hidden width (32; DeCaPT 64; CoCoOp E // 16: 32 on ViT-B, 48 on ViT-L/14, 4 on the world)")
 parser.add_argument("--dropout", type=experiment.fraction, default=None, help="meta-net dropout (0.1; KgCoOp+CaPT 0.0)")
 parser.add_argument("--epsilon", type=experiment.non_negative, default=None, help="margin-ITM smoothing (CoOp 0.0031, KgCoOp 0.001, DeCaPT 0.0008)")
 parser.add_argument("--kg-weight", type=experiment.non_negative, default=1.5, help="KgCoOp consistency weight W (CaPT's configs: 1.5)")
@@ -80,7 +80,7 @@ parser.add_argument("--fusion", default="logits", choices=["logits", "probs"],
 parser.add_argument("--cat-lr-mult", type=experiment.positive, default=18.0, help="learning-rate multiplier of the CAT head (DeCaPT: 18)")
 parser.add_argument("--chunk", type=experiment.positive_int, default=64, help="image condition: prompts per text-encoder call")
 parser.neutral.add("chunk")  # memory, not numbers
-parser.add_argument("--ctx-init", default="a photo of a", help="words the context starts from")
+parser.add_argument("--ctx-init", default="a photo of a", help="words the context starts from; one vector per token (official: per word)")
 parser.add_argument("--n-ctx", type=experiment.positive_int, default=4, help="context length when --ctx-init is ''")
 parser.add_argument("--warmup-lr", type=experiment.non_negative, default=1e-5, help="constant learning rate of the warm-up epoch")
 parser.add_argument("--momentum", type=experiment.fraction, default=0.9, help="SGD momentum (Dassl default)")
@@ -91,7 +91,7 @@ PRESETS = {
     "coop": dict(scale=0.5, hidden=32, dropout=0.1, epsilon=0.0031),  # UCPCoOp
     "kgcoop": dict(scale=1.0, hidden=32, dropout=0.0, epsilon=0.001),  # UCPKgCoOp
     "decapt": dict(scale=0.9, hidden=64, dropout=0.1, epsilon=0.0008),  # UCPKgCoOpDePT
-    "cocoop": dict(scale=1.0, hidden=32, dropout=0.0, epsilon=0.0, batch_size=1, lr=0.002),  # CoCoOp, ctx_batch1
+    "cocoop": dict(scale=1.0, dropout=0.0, epsilon=0.0, batch_size=1, lr=0.002),  # CoCoOp, ctx_batch1; hidden E // 16
 }
 KGCOOP_TEMPLATES = {"dtd": "a photo of a {}, a type of texture."}  # KgCoOp's own (base_trainers/kgcoop.py); else CoOp's
 
@@ -103,7 +103,7 @@ class CaPTConfig:
     base: str = "coop"
     decapt: bool = False
     scale: float = 0.5
-    hidden: int = 32
+    hidden: int = None  # None: E // 16, CoCoOp's vis_dim // 16 (its preset leaves --hidden unset)
     dropout: float = 0.1
     epsilon: float = 0.0031
     kg_weight: float = 1.5
@@ -190,7 +190,8 @@ class CaPT(nn.Module):
         self.cfg, self.template = cfg, template
         self.prompt_learner = PromptLearner(model, classnames, cfg.ctx_init, cfg.n_ctx)
         cocoop = cfg.condition == "image"
-        self.meta = MetaNet(E, D, cfg.hidden, cfg.dropout, cocoop=cocoop) if cfg.condition != "none" else None
+        hidden = cfg.hidden if cfg.hidden is not None else E // 16
+        self.meta = MetaNet(E, D, hidden, cfg.dropout, cocoop=cocoop) if cfg.condition != "none" else None
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("noise", torch.randn(1, E, generator=g))  # (1, E) the fixed vector; saved with the run
         if cfg.decapt:  # DePT's CAT head: FiLM on each modality + one linear classifier over the base classes

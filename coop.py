@@ -18,7 +18,9 @@ SGD lr 0.0035, one warm-up epoch at 1e-5, then per-epoch cosine). CoOp's own bas
 
 Deviations from the official code (KaiyangZhou/CoOp): the context is an fp32 parameter (the official default
 creates it in fp16 and updates it with SGD); the text encoder runs only up to the longest prompt (exact);
-text and test-image features are computed once per evaluation rather than per test batch. Left out: CoOp's
+text and test-image features are computed once per evaluation rather than per test batch; --ctx-init's context is
+as many vectors as the words' tokens (the official code counts words: 'itap of a' is 4 tokens, 3 words, so it
+keeps 'it ap of' and drops 'a'; the two agree for the default "a photo of a"). Left out: CoOp's
 class-specific context (CSC), which has no context for unseen classes and so no place in base-to-new.
 
 Dimension legend: B batch, C classes, M context tokens, T text tokens (<= 77), D text width, E joint embedding.
@@ -38,7 +40,7 @@ parser = experiment.parser("CoOp: learned prompt context for CLIP", epochs=10, b
                            recipe="CaPT's CoOp re-run")
 experiment.add_frozen_feature_flags(parser)
 # method
-parser.add_argument("--ctx-init", default="a photo of a", help="words the context starts from ('' = random init)")
+parser.add_argument("--ctx-init", default="a photo of a", help="words the context starts from ('' = random init); one vector per token (official: per word)")
 parser.add_argument("--n-ctx", type=experiment.positive_int, default=4, help="context length when --ctx-init is '' (CoOp paper: 16)")
 parser.add_argument("--warmup-lr", type=experiment.non_negative, default=1e-5, help="constant learning rate of the warm-up epoch")
 parser.add_argument("--momentum", type=experiment.fraction, default=0.9, help="SGD momentum (Dassl default)")

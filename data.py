@@ -204,13 +204,15 @@ def _read_split_file(path, image_dir):
 
 
 def _read_folders(image_dir, classnames_file=None):
-    """Folder-per-class tree -> items, classes in sorted folder order; names from an ImageNet classnames.txt if given."""
+    """Folder-per-class tree -> items, classes in sorted folder order; names from an ImageNet classnames.txt if given.
+    A class's files are in sorted order, so ImageNet's few-shot pool (and its picks) is too; Dassl lists them with
+    os.listdir, whose order depends on the filesystem."""
     folders = sorted(d.name for d in image_dir.iterdir() if d.is_dir() and not d.name.startswith("."))  # no .cache
     names = {}
     if classnames_file is not None:
         for line in _need(classnames_file, "imagenet").read_text().splitlines():
             wnid, _, name = line.strip().partition(" ")
-            names[wnid] = name
+            names[wnid] = classname(name)
     files = {folder: sorted(f for f in (image_dir / folder).iterdir() if not f.name.startswith("."))  # no .DS_Store
              for folder in folders}
     empty = [folder for folder in folders if not files[folder]]
@@ -250,12 +252,15 @@ def _read_vpt_json(name, base, image_dir):
             for s in raw} | ({} if "val" in raw else {"val": []})
 
 
-def _read_vtab(name, base):
-    """VTAB-1k task folder: train = train800val200.txt (all 1,000 images), val = val200.txt, test = test.txt."""
+def _read_vtab(name, base, val=False):
+    """VTAB-1k task folder (NOAH's lists): train = train800val200.txt (all 1,000 images), test = test.txt; with
+    val (tuning) train = train800.txt and val = val200.txt. NOAH keeps each list's own copies of the images, so
+    val200's images cannot be told apart inside train800val200 by path: the tuning lists are read instead."""
     def lines(file):
         return [Item(str(base / p), int(y), f"class {y}") for p, y in
                 (l.split() for l in _need(base / file, name).read_text().splitlines() if l.strip())]
-    return {"train": lines("train800val200.txt"), "val": lines("val200.txt"), "test": lines("test.txt")}
+    return {"train": lines("train800.txt" if val else "train800val200.txt"), "val": lines("val200.txt"),
+            "test": lines("test.txt")}
 
 
 @dataclass
@@ -269,8 +274,9 @@ class Dataset:
     test: list
 
 
-def load_dataset(name, root, download=False):
-    """A Dataset with .train/.val/.test lists of Items, .classnames (index = label) and .template."""
+def load_dataset(name, root, download=False, val=False):
+    """A Dataset with .train/.val/.test lists of Items, .classnames (index = label) and .template. val: the train
+    list to tune on, where a dataset has its own (VTAB-1k's train800)."""
     if name not in DATASETS and name != "folder":
         raise InputError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)} or 'folder' (with --root)")
     root = Path(root).expanduser()
@@ -293,15 +299,16 @@ def load_dataset(name, root, download=False):
             image_dir = base / "images"
         splits = _read_vpt_json(name, base, image_dir)
     elif layout.get("reader") == "vtab":
-        splits = _read_vtab(name, base)
+        splits = _read_vtab(name, base, val)
     elif name == "fgvc_aircraft":
-        variants = _need(base / "variants.txt", name).read_text().splitlines()
+        # Lines are stripped, as CoOp's reader does ("<image id> <variant>" in the lists).
+        variants = [v.strip() for v in _need(base / "variants.txt", name).read_text().splitlines() if v.strip()]
         label = {v: i for i, v in enumerate(variants)}
         splits = {}
         for s in ("train", "val", "test"):
-            lines = _need(base / f"images_variant_{s}.txt", name).read_text().splitlines()
-            splits[s] = [Item(str(image_dir / f"{l.split(' ', 1)[0]}.jpg"), label[l.split(' ', 1)[1]], l.split(" ", 1)[1])
-                         for l in lines if l.strip()]
+            lines = [l.strip().partition(" ") for l in
+                     _need(base / f"images_variant_{s}.txt", name).read_text().splitlines() if l.strip()]
+            splits[s] = [Item(str(image_dir / f"{image}.jpg"), label[v], classname(v)) for image, _, v in lines]
     elif name == "imagenet":
         cn = base / "classnames.txt"
         splits = {"train": _read_folders(_need(image_dir / "train", name), cn),
@@ -310,7 +317,7 @@ def load_dataset(name, root, download=False):
     else:  # the ImageNet variants are test sets only
         items = _read_folders(image_dir, base / "classnames.txt")
         if name == "imagenetv2":  # folders are named 0..999 by ImageNet label
-            names = [l.strip().partition(" ")[2] for l in (base / "classnames.txt").read_text().splitlines()]
+            names = [classname(l.strip().partition(" ")[2]) for l in (base / "classnames.txt").read_text().splitlines()]
             items = [Item(p, int(Path(p).parent.name), names[int(Path(p).parent.name)]) for p, _, _ in items]
         splits = {"train": [], "val": [], "test": items}
     return Dataset(name, layout["template"], _classnames(splits["train"] or splits["test"]), splits["train"],
@@ -412,14 +419,16 @@ def hash_fraction(text):
 # The protocol.
 
 def fewshot(items, shots, seed):
-    """k items per class, sampled over all classes, deterministic per seed (Dassl's generate_fewshot_dataset)."""
-    by_label = defaultdict(list)
+    """k items per class, the images Dassl's generate_fewshot_dataset picks (and so CoOp's published picks): the
+    classes in order of first appearance in the train list (not sorted), random.sample(class's items, k) for each,
+    all from one stream seeded with the run's seed. Dassl keeps every image of a class smaller than k (a
+    silently smaller class); here that is an error that says which class."""
+    by_label = defaultdict(list)  # label -> its items, labels in order of first appearance
     for item in items:
         by_label[item[1]].append(item)
     rng = random.Random(seed)
     out = []
-    for label in sorted(by_label):
-        pool = by_label[label]
+    for pool in by_label.values():
         if shots > len(pool):
             raise InputError(f"class {pool[0][2]!r} has {len(pool)} training images, fewer than --shots {shots}; "
                              f"use fewer shots")
@@ -469,7 +478,7 @@ def prepare(name, root, *, shots, seed, setting="base2new", targets=(), download
     val: the validation split replaces the test split, and its images leave the train split (hyperparameter tuning).
     Every image of the run is checked before anything is trained (see check_images).
     """
-    ds = load_dataset(name, root, download)
+    ds = load_dataset(name, root, download, val=val)
     if val:
         if not ds.val:
             raise InputError(f"--val: {name} has no validation split")

@@ -20,7 +20,7 @@ selection). results.json holds both `acc` (the last epoch's, the default and hon
 code (a third-party summary); the paper's Table 4 shows DA-VPT slightly *slower* per image than VPT-deep.
 
 Defaults: the paper's setting (closed set on every class, the whole train split, a linear probe) with the released
-config of the dataset when there is one (PRESETS_TABLE below), else its default row; any flag overrides. The released
+config of the dataset when there is one (RELEASED below), else its "no-config" row; any flag overrides. The released
 configs were tuned for DA-VPT+ (all unfreeze biases); `--tune-bias` stays yours to choose.
 
 Choices and differences from the official code (paper by default, code behind a flag):
@@ -33,12 +33,15 @@ Choices and differences from the official code (paper by default, code behind a 
   vector to every key adds q.dk to every score of a query row, which softmax cancels, so b_K has exactly zero gradient
   (in the paper and the code too). `--tune-bias all` also unfreezes the extra parameters the released configs tune
   (out_proj bias, c_proj bias, ln_2 bias, ln_1 weight+bias, class embedding).
+- Learning rate as released: timm's cosine stepped per update, warm-up over 10 epochs from 1e-8, then a cosine that
+  counts the warm-up in its period (it does not restart after it), floor 1e-9 (see `lr_at`).
 - Initial class->prompt mapping uses 10 training images per class (the code), not "an additional epoch" (the paper).
 - Prompt init: xavier divided by 8 by default, as most released ViT-B configs (`--init-divide 1` = plain xavier).
 - Trainable parameters on ViT-B/16 (measured, % of the 86.2M image encoder): CUB-200 with M_o 10 194,760 (0.23%),
   DA-VPT+ 203,976 (0.24%); a 100-class VTAB task 143,460 (0.17%); the paper: 0.16-0.27%.
 - Heads: `--head linear` is the paper's linear probe (closed set: new classes are not evaluated); `--head text` is
   CLIP's frozen zero-shot text head (not in the paper) so base-to-new works as for the other scripts.
+- Images are normalised with CLIP's mean and std (the released code uses ImageNet's, for its timm backbone).
 - The class-mean features are CLIP's joint embedding ln_post(CLS) @ proj (the code uses the final-norm CLS).
 - Data as the released code reads it (data.py): VPT's JSON splits for the five FGVC sets (test Resize 256 ->
   CenterCrop 224), VTAB-1k's NOAH lists trained on all 1,000 images without augmentation (--val: train800 / val200).
@@ -48,6 +51,7 @@ N = 1 + M + P tokens, D width, H heads, hd head width, E joint embedding.
 """
 import argparse
 import math
+from collections import defaultdict
 from dataclasses import dataclass, fields
 
 import torch
@@ -64,7 +68,7 @@ import harness
 parser = experiment.parser("DA-VPT: distribution-aware visual prompt tuning on CLIP's ViT", epochs=100, batch_size=32,
                            lr="the dataset's config, else 1e-3", recipe="paper; AdamW")
 parser.set_defaults(setting="fewshot", shots="all")  # the paper's setting: every class, the whole train split
-# method (unset: the dataset's released config in PRESETS_TABLE, else its default row)
+# method (unset: the dataset's released config in RELEASED, else its "no-config" row)
 parser.add_argument("--head", default="linear", choices=["linear", "text"],
                     help="linear probe (paper) or CLIP's frozen zero-shot text head (base-to-new)")
 parser.add_argument("--guided-layers", default=None, help="comma-separated guided block indices (paper: the last, 11)")
@@ -98,18 +102,21 @@ parser.add_argument("--warmup-epochs", type=experiment.natural, default=10, help
 parser.add_argument("--clip-grad", type=experiment.positive, default=10.0, help="gradient value clipping (code: 10)")
 
 # The released ViT-B configs, one line each (Noahsark/DA-VPT configs/fgvc/vitb_*.yaml, configs/vtab/vitb_*.yaml);
-# "default" where none applies (the world, CoOp's datasets, a folder): the code's defaults, guidance in the last block.
+# "no-config" where none applies (the world, CoOp's datasets, a folder): DA-VPT guided in the last block with values
+# common among the released configs. It is not params.py's defaults, which switch DA-VPT's losses off (beta = lam = 0,
+# sigma 1, no dynamic k-means, weight decay 0.01): that is plain VPT-deep (`--beta 0 --lam 0`).
 # guided_layers: the guided blocks (ViT-B's 0..11); num_guided/num_other: prompts per guided/other block (M_g/M_o);
 # beta/lam: the two metric-loss weights; sigma: loss_vpt_scale_ratio; batch_size x samples_per_class: the class sampler.
 # The configs' parser silently skips unknown keys; where a config relies on one, the row holds its intent:
-#   * legacy vpt_and_cls_loss_weight -> beta = lam (skipped, both were 0; with a zero metric loss Dogs' vpt_loss_stop_thr
-#     0.001 also ended training after epoch 0: here it trains its 100 epochs);
+#   * legacy vpt_and_cls_loss_weight -> beta = lam (skipped, both were 0; Dogs' vpt_loss_stop_thr 0.001 is coerced to
+#     its int default -1, the stop is off: Dogs trains its 100 epochs, here too);
 #   ** legacy proxy_prompt_depth -> the blocks it names (skipped, the guidance ran from the start block to 11);
-#   *** smallnorb_ele's file is cut off after its lr: beta, the weight decays and eval are the defaults.
+#   *** smallnorb_ele's file is damaged after its min_lr: what it sets before is read (lam 0.1, eval_after 90), the
+#     rest is params.py's (vpt_loss_weight 0: beta = 0; weight decays 0.01 and 3).
 COLUMNS = ("lr", "guided_layers", "num_guided", "num_other", "beta", "lam", "sigma", "mask", "vpt_norm", "drop_path",
            "dynamic_kmeans", "weight_decay", "wd_head", "eval_after", "batch_size", "samples_per_class")
 RELEASED = {  # dataset: its values in COLUMNS order,  # the config file
-    "default":                (1e-3, "-1", 10, 20, 0.01, 0.01, 5, False, "none", 0, 1, 0.05, 3, 60, 32, 2),  # params.py
+    "no-config":              (1e-3, "-1", 10, 20, 0.01, 0.01, 5, False, "none", 0, 1, 0.05, 3, 60, 32, 2),  # see above
     "cub":                    (5e-4, "10,11", 10, 10, 0.05, 0.05, 5, True, "l2", 0.1, 1, 0.05, 5, 80, 32, 2),  # vitb_cub200
     "nabirds":                (1e-3, "9,10,11", 10, 5, 0.01, 0.2, 60, False, "none", 0, 10, 0.05, 3, 80, 32, 2),  # vitb_bird
     "cars":                   (1e-3, "11", 60, 80, 0.05, 0.05, 60, False, "none", 0, 10, 0.05, 3, 80, 32, 2),  # vitb_cars
@@ -130,7 +137,7 @@ RELEASED = {  # dataset: its values in COLUMNS order,  # the config file
     "vtab-dsprites_loc":      (1e-2, "11", 10, 10, 0.1, 0.1, 5, False, "none", 0, 10, 0.5, 3, 90, 32, 2),  # vitb_dspr_loc
     "vtab-dsprites_ori":      (1e-2, "3,4,5,6,7,8,9,10,11", 10, 20, 0.01, 0.01, 5, False, "none", 0, 1, 1e-3, 1e-4, 90, 32, 2),  # vitb_dspr_ori
     "vtab-smallnorb_azi":     (1e-3, "11", 10, 20, 0.01, 0.01, 5, False, "none", 0.1, 1, 1, 1, 60, 32, 2),  # vitb_smallnorb_azi
-    "vtab-smallnorb_ele":     (5e-5, "11", 10, 5, 0.01, 0.1, 5, False, "none", 0, 10, 0.01, 3, 60, 32, 2),  # vitb_smallnorb_ele***
+    "vtab-smallnorb_ele":     (5e-5, "11", 10, 5, 0, 0.1, 5, False, "none", 0, 10, 0.01, 3, 90, 32, 2),  # vitb_smallnorb_ele***
 }
 PRESETS = {name: dict(zip(COLUMNS, row)) for name, row in RELEASED.items()}  # {dataset: {flag: value}}
 
@@ -289,11 +296,26 @@ def cosine_kmeans(feats, k, init=None, iters=20, tol=1e-4, generator=None):
     return (x @ cent.t()).argmax(dim=1), cent
 
 
-def initial_mapping(means, k, seed):
-    """Class -> prompt index: identity when C <= k, else cosine k-means (never-sampled classes go to random prompts)."""
+def mapping_images(labels, n, generator):
+    """Indices of n random images of every class for the initial class means, as the released MappingSampler draws
+    them: n distinct ones, or for a class of m < n images every image n // m times plus n % m random others."""
+    by_class = defaultdict(list)
+    for i, c in enumerate(labels):
+        by_class[c].append(i)
+    out = []
+    for c, pool in by_class.items():
+        take = lambda k: [pool[j] for j in torch.randperm(len(pool), generator=generator)[:k].tolist()]  # noqa: E731
+        out += take(n) if n <= len(pool) else pool * (n // len(pool)) + take(n % len(pool))
+    return out
+
+
+def initial_mapping(means, k, seed, one_to_one):
+    """Class -> prompt index: identity when one_to_one (fewer classes than guided prompts: the released code's
+    'all_classes' mapping, never re-clustered), else cosine k-means into k clusters, also when there are exactly k
+    classes (never-sampled classes go to random prompts)."""
     C = means.shape[0]
     g = torch.Generator().manual_seed(seed)
-    if C <= k:
+    if one_to_one:
         return torch.arange(C), None
     assign, cent = cosine_kmeans(means.cpu(), k, generator=g)
     unseen = means.cpu().abs().sum(1) == 0
@@ -333,11 +355,14 @@ def balanced_batches(labels, batch_size, samples_per_class, generator):
             for _ in range(max(1, len(labels) // batch_size))]
 
 
-def lr_at(step, total, warmup, base_lr):
-    """Per-step linear warm-up, then cosine (timm's scheduler as the released configs set it)."""
+def lr_at(step, total, warmup, base_lr, warmup_lr=1e-8, min_lr=1e-9):
+    """The learning rate of update `step` (0-based) of `total`: timm's CosineLRScheduler as the released configs
+    create it (sched_on_updates, warmup_lr 1e-8, min_lr 1e-9, warmup_prefix off). A linear warm-up from warmup_lr
+    over the first `warmup` updates, then min_lr + (base_lr - min_lr) (1 + cos(pi step / total)) / 2: the cosine
+    counts its period from update 0, warm-up included (it does not restart after the warm-up)."""
     if step < warmup:
-        return base_lr * (step + 1) / warmup
-    return 0.5 * base_lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return warmup_lr + step * (base_lr - warmup_lr) / warmup
+    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * step / total))
 
 
 def optimizer(model, args):
@@ -358,15 +383,11 @@ def train(model, split, args, *, device, autocast, score):
     g = torch.Generator().manual_seed(args.seed)
     labels = [it.label for it in split.train]
     transform = split.train_transform(model.clip.visual.input_resolution)
-    sub, seen = [], {}  # the initial mapping: the frozen encoder on up to --kmeans-images images per class
-    for i, c in enumerate(labels):
-        if seen.get(c, 0) < args.kmeans_images:
-            sub.append(i)
-            seen[c] = seen.get(c, 0) + 1
+    sub = mapping_images(labels, args.kmeans_images, g)  # the initial mapping: --kmeans-images random images per class
     with autocast():
         images = data.loader([split.train[i] for i in sub], transform, args.batch_size, train=False, seed=args.seed)
         means = class_means(model.clip.encode_image, images, C, device)
-    mapping, cent = initial_mapping(means, model.M_g, args.seed)
+    mapping, cent = initial_mapping(means, model.M_g, args.seed, one_to_one=C < args.num_guided)
     mapping = mapping.to(device)
     opt = optimizer(model, args)
     steps_per_epoch = max(1, len(labels) // args.batch_size)
@@ -433,9 +454,9 @@ def evaluate(model, test, args, *, device, autocast, text_weights=None):
 
 
 def configure(args):
-    """The dataset's released config (else the default row) for every flag left unset; the run's name: this file's
+    """The dataset's released config (else the "no-config" row) for every flag left unset; the run's name: this file's
     (davpt; a copy's own), + for DA-VPT+ (--tune-bias), and -texthead for CLIP's text head instead of the linear probe."""
-    experiment.fill(args, PRESETS.get(args.dataset, PRESETS["default"]))
+    experiment.fill(args, PRESETS.get(args.dataset, PRESETS["no-config"]))
     if not all(g.strip().lstrip("-").isdigit() for g in args.guided_layers.split(",")):
         raise ValueError(f"--guided-layers takes block indices like 10,11 (got {args.guided_layers!r})")
     args.method += {"none": "", "kv": "+", "all": "+all"}[args.tune_bias] + ("-texthead" if args.head == "text" else "")

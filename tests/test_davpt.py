@@ -74,16 +74,39 @@ def test_mask_blocks_prompt_to_cls_and_prompts():
 
 def test_kmeans_deterministic_per_seed():
     feats = torch.randn(30, 16)
-    a1, _ = davpt.initial_mapping(feats, 5, seed=3)
-    a2, _ = davpt.initial_mapping(feats, 5, seed=3)
+    a1, _ = davpt.initial_mapping(feats, 5, seed=3, one_to_one=False)
+    a2, _ = davpt.initial_mapping(feats, 5, seed=3, one_to_one=False)
     assert torch.equal(a1, a2) and a1.max() < 5
     # well-separated clusters are recovered
     centers = torch.randn(3, 16) * 10
     x = centers.repeat_interleave(4, 0) + 0.01 * torch.randn(12, 16)
-    a, _ = davpt.initial_mapping(x, 3, seed=0)
+    a, _ = davpt.initial_mapping(x, 3, seed=0, one_to_one=False)
     assert all(len(set(a[i * 4:(i + 1) * 4].tolist())) == 1 for i in range(3)) and len(set(a.tolist())) == 3
-    # C <= k: identity
-    assert torch.equal(davpt.initial_mapping(torch.randn(3, 4), 5, 0)[0], torch.arange(3))
+    assert torch.equal(davpt.initial_mapping(torch.randn(3, 4), 5, 0, one_to_one=True)[0], torch.arange(3))
+
+
+def test_released_mapping_rules_random_images_and_clustering_at_as_many_classes_as_prompts(tmp_path, monkeypatch):
+    """The released code: the initial class means from n random images per class (MappingSampler), a fixed
+    one-to-one mapping only for fewer classes than guided prompts; with as many (VTAB-EuroSAT: 10 and 10) it clusters."""
+    labels = [c for c in range(3) for _ in range(20)] + [3, 3, 3]  # class 3: 3 images for n = 7
+    picks = davpt.mapping_images(labels, 7, torch.Generator().manual_seed(1))
+    by_class = [[i for i in picks if labels[i] == c] for c in range(4)]
+    assert all(len(p) == 7 for p in by_class) and all(len(set(p)) == 7 for p in by_class[:3])
+    assert by_class[0] != list(range(7))  # random, not the first 7
+    assert sorted(by_class[3]) == sorted([60, 61, 62] * 2 + [by_class[3][-1]])  # all twice + 1 random (7 = 2*3 + 1)
+    assert picks == davpt.mapping_images(labels, 7, torch.Generator().manual_seed(1))  # seeded
+    assert picks != davpt.mapping_images(labels, 7, torch.Generator().manual_seed(2))
+    # A run with as many classes as guided prompts maps by k-means (clusters may share a prompt), the released way.
+    calls, real = [], davpt.initial_mapping
+    monkeypatch.setattr(davpt, "initial_mapping", lambda means, k, seed, one_to_one:
+                        calls.append((k, one_to_one)) or real(means, k, seed, one_to_one))
+    torch.save(tiny_clip().state_dict(), tmp_path / "tiny.pt")
+    root = write_fixture(tmp_path)  # 4 classes
+    for n in (4, 5):
+        davpt.main(["--dataset", "folder", "--root", str(root), "--setting", "fewshot", "--backbone",
+                    str(tmp_path / "tiny.pt"), "--epochs", "1", "--num-guided", str(n), "--batch-size", "4",
+                    "--device", "cpu", "--workers", "0", "--out", str(tmp_path / f"run{n}")])
+    assert calls == [(4, False), (4, True)]
 
 
 def test_proxy_anchor_hand_computed():
@@ -256,17 +279,20 @@ def test_fgvc_sets_read_vpt_json_splits_with_names_and_the_released_test_crop(tm
 
 
 def test_vtab_1k_trains_on_all_1000_without_augmentation_and_val_tunes_on_800_200(tmp_path):
+    """NOAH's layout: every list has its own copies of its images (images/<list>/...), so val200's images are not
+    found in train800val200 by path; --val trains on train800.txt."""
     task = tmp_path / "vtab-1k" / "cifar"
-    paths = [f"images/{i}.png" for i in range(12)]
-    write_images([task / p for p in paths], size=40)
-    lines = lambda idx: "".join(f"{paths[i]} {i % 2}\n" for i in idx)  # noqa: E731
-    (task / "train800val200.txt").write_text(lines(range(8)))
-    (task / "val200.txt").write_text(lines(range(6, 8)))
-    (task / "test.txt").write_text(lines(range(8, 12)))
+    lists = {"train800": range(6), "val200": range(6, 8), "train800val200": range(8), "test": range(8, 12)}
+    paths = {name: [f"images/{name}/{i}.png" for i in idx] for name, idx in lists.items()}
+    for name, idx in lists.items():
+        write_images([task / p for p in paths[name]], size=40)
+        (task / f"{name}.txt").write_text("".join(f"{p} {i % 2}\n" for p, i in zip(paths[name], idx)))
     split = data.prepare("vtab-cifar100", tmp_path, shots="all", seed=1, setting="fewshot")
     assert len(split.train) == 8 and len(split.tests["all"].items) == 4
     tuned = data.prepare("vtab-cifar100", tmp_path, shots="all", seed=1, setting="fewshot", val=True)
-    assert len(tuned.train) == 6 and [it.path for it in tuned.tests["all"].items] == [str(task / p) for p in paths[6:8]]
+    assert [it.path for it in tuned.train] == [str(task / p) for p in paths["train800"]]
+    assert [it.path for it in tuned.tests["all"].items] == [str(task / p) for p in paths["val200"]]
+    paths = paths["train800val200"]
     train_transform, image = split.train_transform(32), Image.open(task / paths[0]).convert("RGB")
     first, second = train_transform(image), train_transform(image)
     assert torch.equal(first, second) and torch.equal(first, split.tests["all"].transform(32)(image))  # no augmentation
@@ -306,3 +332,16 @@ def test_l2_prompt_norm_and_drop_path():
     out = m.drop_path(branch, 2)  # the last block: rate 0.5, kept samples scaled by 1 / (1 - 0.5)
     kept = out.flatten(1).abs().sum(1) > 0
     assert 10 < kept.sum() < 54 and torch.allclose(out[kept], 2 * branch[kept])
+
+
+def test_lr_is_timms_cosine_over_all_updates_warm_up_included():
+    """CUB's schedule: 168 updates per epoch, 100 epochs, 10 warm-up epochs, lr 0.01. Values worked out from timm's
+    CosineLRScheduler (warmup_lr_init 1e-8, lr_min 1e-9, warmup_prefix False, t_initial = all updates)."""
+    total, warmup, lr = 100 * 168, 10 * 168, 0.01
+    by_hand = {0: 1e-8,  # warmup_lr_init
+               840: 1e-8 + 840 * (0.01 - 1e-8) / 1680,  # half-way up the warm-up: 0.005000005
+               1680: 1e-9 + 0.5 * (0.01 - 1e-9) * (1 + 0.9510565162951535),  # cos(pi/10): the cosine is not at its top
+               8400: 1e-9 + 0.5 * (0.01 - 1e-9),  # epoch 50: half the lr (a restarted cosine gives 1.17x this)
+               16632: 1e-9 + 0.5 * (0.01 - 1e-9) * (1 - 0.9995065603657316)}  # epoch 99: cos(0.99 pi)
+    for step, want in by_hand.items():
+        assert davpt.lr_at(step, total, warmup, lr) == pytest.approx(want, rel=1e-9), step

@@ -69,6 +69,22 @@ def test_fewshot_k_per_class_deterministic_and_seeded():
         data.fewshot(items, 31, seed=1)
 
 
+FEWSHOT = SPLITS.parent / "coop_fewshot" / "oxford_flowers.json"
+
+
+@pytest.mark.skipif(not FEWSHOT.exists(), reason="shared/reference/coop_fewshot is not beside the repo")
+def test_fewshot_picks_are_coops_published_picks():
+    """CoOp's published OxfordFlowers picks (Dassl's generate_fewshot_dataset on split_zhou_OxfordFlowers.json,
+    whose train list is not in label order): the same images in the same order, for 1, 4 and 16 shots, seeds 1-3."""
+    published = json.loads(FEWSHOT.read_text())
+    train = data._read_split_file(SPLITS / published["split_file"], Path("jpg"))["train"]
+    assert [y for _, y, _ in train] != sorted(y for _, y, _ in train)  # the case where sorted labels differ
+    for key, picks in published["picks"].items():
+        shots, seed = (int(n) for n in key.removeprefix("shot").split("_seed"))
+        ours = [it.path for it in data.fewshot(train, shots, seed)]
+        assert ours == [str(Path("jpg") / Path(p).name) for p in picks], key
+
+
 def test_eurosat_layout_and_prepare(tmp_path):
     """CoOp's EuroSAT layout: eurosat/2750/<Class>/x.jpg + split_zhou_EuroSAT.json with CoOp's class names."""
     base = tmp_path / "eurosat"
@@ -102,6 +118,24 @@ def test_fgvc_aircraft_and_imagenet_layouts(tmp_path):
     write_images([inet / "images" / s / w / f"{i}.JPEG" for s in ("train", "val") for w in ("n01", "n02") for i in range(2)])
     ds = data.load_dataset("imagenet", tmp_path)
     assert ds.classnames == ["tench", "goldfish"] and len(ds.train) == 4 and len(ds.test) == 4
+
+
+def test_class_names_from_text_files_are_stripped_and_spaced_as_coops_readers_do(tmp_path):
+    """FGVC's lists with trailing blanks and Windows line ends; an ImageNet classnames.txt with an underscore."""
+    air = tmp_path / "fgvc_aircraft"
+    air.mkdir()
+    (air / "variants.txt").write_text("707-320 \r\nA300B4\r\n\r\n")
+    for s, ids in [("train", ["1", "2"]), ("val", []), ("test", ["3"])]:
+        (air / f"images_variant_{s}.txt").write_text("".join(f"{i} {'A300B4' if i == '2' else '707-320'} \r\n" for i in ids))
+        write_images([air / "images" / f"{i}.jpg" for i in ids])
+    ds = data.load_dataset("fgvc_aircraft", tmp_path)
+    assert ds.classnames == ["707-320", "A300B4"] and [it.label for it in ds.train] == [0, 1]
+
+    inet = tmp_path / "imagenet"
+    inet.mkdir()
+    (inet / "classnames.txt").write_text("n01 great_white_shark \nn02 goldfish\n")
+    write_images([inet / "images" / s / w / "0.JPEG" for s in ("train", "val") for w in ("n01", "n02")])
+    assert data.load_dataset("imagenet", tmp_path).classnames == ["great white shark", "goldfish"]
 
 
 def test_folder_dataset_and_bad_inputs(tmp_path):
