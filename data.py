@@ -11,12 +11,14 @@ selected classes. Few-shot uses every class; cross-dataset trains on the source 
 own class names and template.
 """
 import argparse
+import gzip
 import hashlib
 import json
 import math
 import os
 import random
 import re
+import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,12 +148,6 @@ DATASETS = {
         "dsprites_loc": "dsprites_loc", "dsprites_ori": "dsprites_ori", "smallnorb_azi": "smallnorb_azi",
         "smallnorb_ele": "smallnorb_ele"}.items()},
 }
-
-# Class-name rules of CoOp's readers that the split files do not already apply.
-EUROSAT_NAMES = {"AnnualCrop": "Annual Crop Land", "Forest": "Forest", "HerbaceousVegetation": "Herbaceous Vegetation Land",
-                 "Highway": "Highway or Road", "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
-                 "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings", "River": "River",
-                 "SeaLake": "Sea or Lake"}
 
 # Cross-dataset transfer (CoCoOp's protocol): train on ImageNet, test on the 10 others; the 4 variants = domain shift.
 CROSS_TARGETS = ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft", "sun397",
@@ -289,11 +285,13 @@ def load_dataset(name, root, download=False, val=False):
     elif download:
         _download(name, root)
     image_dir = base / layout["images"] if name == "dogs" else _need(base / layout["images"], name)
-    own_split = base / f"split_nanoprompt_{name}.json"  # written by --download where CoOp has no split file
     if layout["split"]:
-        splits = _read_split_file(_need(base / layout["split"], name), image_dir)
-    elif own_split.exists():
-        splits = _read_split_file(own_split, image_dir)
+        path = _need(base / layout["split"], name)
+        shipped = SPLITS / f"{layout['split']}.gz"
+        if shipped.exists() and gzip.decompress(shipped.read_bytes()) != path.read_bytes():
+            print(f"note: {path} is not CoOp's split file (splits/{shipped.name} differs); runs on it are kept apart "
+                  f"from runs on CoOp's. An older nanoprompt's --download wrote its own: delete it and run --download")
+        splits = _read_split_file(path, image_dir)
     elif layout.get("reader") == "vpt-json":
         if name == "dogs" and not image_dir.exists() and (base / "images").exists():  # DA-VPT's copy: lower case
             image_dir = base / "images"
@@ -351,63 +349,110 @@ def _folder_dataset(root):
     return Dataset("folder", "a photo of a {}.", _classnames(train), train, [], test)
 
 
-# --download: torchvision class, its split names -> ours (None: one pool split 50/20/30 as CoOp's own splits).
-TORCHVISION = {"eurosat": ("EuroSAT", None), "dtd": ("DTD", {"train": "train", "val": "val", "test": "test"}),
-               "oxford_flowers": ("Flowers102", {"train": "train", "val": "val", "test": "test"}),
-               "oxford_pets": ("OxfordIIITPet", {"train": "trainval", "test": "test"}),
-               "food101": ("Food101", {"train": "train", "test": "test"}),
-               "fgvc_aircraft": ("FGVCAircraft", {"train": "train", "val": "val", "test": "test"}),
-               "caltech101": ("Caltech101", None), "sun397": ("SUN397", None)}
-CALTECH_RENAME = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
+# --download: the torchvision class, where its download keeps the images (under <dataset dir>/torchvision/), options.
+TORCHVISION = {"eurosat": ("EuroSAT", "eurosat/2750", {}), "dtd": ("DTD", "dtd/dtd/images", {}),
+               "oxford_flowers": ("Flowers102", "flowers-102/jpg", {}),
+               "oxford_pets": ("OxfordIIITPet", "oxford-iiit-pet/images", {}),
+               "food101": ("Food101", "food-101/images", {}), "sun397": ("SUN397", "SUN397", {}),
+               "caltech101": ("Caltech101", "caltech101/101_ObjectCategories", {}),
+               "fgvc_aircraft": ("FGVCAircraft", "fgvc-aircraft-2013b/data", {"annotation_level": "variant"})}
+# CoOp's split files (KaiyangZhou/CoOp, MIT licence; see splits/README.md): seven ship in splits/ (gzip), Food101's
+# and SUN397's are fetched from the public copies CoOp's DATASETS.md links (Google Drive file ids).
+SPLITS = files.HERE / "splits"
+SPLIT_DRIVE = {"split_zhou_Food101.json": "1QK0tGi096I0Ba6kggatX1ee6dJFIcEJl",
+               "split_zhou_SUN397.json": "1y2RD81BYuiyvebdN-JymPfyWYcd8_MUq"}
+DRIVE_URL = "https://drive.google.com/uc?export=download&id={}"
+COOP_SIZES = {"caltech101": (4128, 1649, 2465), "oxford_pets": (2944, 736, 3669), "stanford_cars": (6509, 1635, 8041),
+              "oxford_flowers": (4093, 1633, 2463), "food101": (50500, 20200, 30300), "sun397": (15880, 3970, 19850),
+              "dtd": (2820, 1128, 1692), "eurosat": (13500, 5400, 8100), "ucf101": (7639, 1898, 3783)}  # train/val/test
 
 
-def _torchvision_items(name, ds, base):
-    """(absolute path, class name) of every image of a torchvision dataset, with CoOp's class-name rules."""
-    if name == "eurosat":
-        return [(p, EUROSAT_NAMES[Path(p).parent.name]) for p, _ in ds.samples]
-    if name == "caltech101":
-        folder = Path(ds.root) / "101_ObjectCategories"
-        return [(str(folder / ds.categories[y] / f"image_{i:04d}.jpg"), CALTECH_RENAME.get(ds.categories[y], ds.categories[y]).lower())
-                for y, i in zip(ds.y, ds.index) if ds.categories[y] not in ("BACKGROUND_Google", "Faces_easy")]
-    files = getattr(ds, "_image_files", None) or ds._images
-    if name == "oxford_flowers":
-        names_file = _need(base / "cat_to_name.json", name)  # CoOp ships it; torchvision has no flower names
-        names = json.loads(names_file.read_text())
-        return [(str(f), names[str(y + 1)]) for f, y in zip(files, ds._labels)]
-    classes = [c.lower() if name == "oxford_pets" else c for c in ds.classes]
-    return [(str(f), classes[y]) for f, y in zip(files, ds._labels)]
+def coop_split(name):
+    """The bytes of CoOp's split file of a dataset: the shipped copy, else the public one (downloaded)."""
+    filename = DATASETS[name]["split"]
+    shipped = SPLITS / f"{filename}.gz"
+    if shipped.exists():
+        return gzip.decompress(shipped.read_bytes())
+    url = DRIVE_URL.format(SPLIT_DRIVE[filename])
+    where = f"download {filename} by hand (CoOp's DATASETS.md links it) and put it at <root>/{DATASETS[name]['dir']}/"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as answer:
+            raw = answer.read()
+    except OSError as e:
+        raise InputError(f"--download: could not fetch CoOp's {filename} from {url} ({e}); {where}")
+    try:
+        json.loads(raw)
+    except ValueError:
+        raise InputError(f"--download: {url} did not answer with CoOp's {filename} (it sent {raw[:60]!r}); {where}")
+    return raw
+
+
+def check_coop_split(name, split, image_dir):
+    """CoOp's split sizes, and every image it lists present under image_dir (before the file is written)."""
+    sizes = tuple(len(split.get(s, [])) for s in ("train", "val", "test"))
+    if sizes != COOP_SIZES[name]:
+        raise InputError(f"--download: the split file of {name} holds {sizes} train/val/test images, CoOp's "
+                         f"{COOP_SIZES[name]}: it is not CoOp's split")
+    missing = [p for part in split.values() for p, _, _ in part if not (image_dir / p).exists()]
+    if missing:
+        raise InputError(f"--download: {len(missing)} images of CoOp's {name} split are not under {image_dir} "
+                         f"(e.g. {missing[0]}): the download is incomplete; remove {image_dir.parent} and run again")
 
 
 def _download(name, root):
-    """Fetch a dataset with torchvision and write a split file in CoOp's format that the normal reader then reads."""
-    import torchvision.datasets as tvd
+    """--download: the images with torchvision, placed where CoOp's layout has them (links into the download), and
+    CoOp's own split file beside them, checked against the images before it is written (FGVC: its official lists)."""
+    import torchvision.datasets as tvd  # only --download needs torchvision's dataset classes
     if name not in TORCHVISION:
         raise InputError(f"--download supports {sorted(TORCHVISION)}; get {name!r} as CoOp's DATASETS.md describes")
-    layout, (cls, splits) = DATASETS[name], TORCHVISION[name]
+    layout, (cls, folder, options) = DATASETS[name], TORCHVISION[name]
     base = root / layout["dir"]
-    target = base / (layout["split"] or f"split_nanoprompt_{name}.json")
-    if target.exists() or (name == "fgvc_aircraft" and (base / "variants.txt").exists()):
-        return  # already in CoOp's layout
-    image_dir = base / layout["images"]
-    fetched = base / "torchvision"
-    kwargs = {"annotation_level": "variant"} if name == "fgvc_aircraft" else {}
-    if splits is None:
-        pools = {"all": _torchvision_items(name, getattr(tvd, cls)(fetched, download=True, **kwargs), base)}
+    done = base / (layout["split"] or "variants.txt")  # the split file (FGVC: its class list) is written last
+    if done.exists():
+        return
+    getattr(tvd, cls)(base / "torchvision", download=True, **options)
+    source = base / "torchvision" / folder
+    links = [(base / f.name, f) for f in sorted(source.iterdir()) if f.name != "variants.txt"] \
+        if name == "fgvc_aircraft" else [(base / layout["images"], source)]
+    for link, target in links:
+        if not link.exists():
+            link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=target.is_dir())
+    if name == "fgvc_aircraft":
+        done.symlink_to(os.path.relpath(source / "variants.txt", base))
+        return
+    raw = coop_split(name)
+    check_coop_split(name, json.loads(raw), base / layout["images"])
+    files.atomic_write(done, lambda tmp: Path(tmp).write_bytes(raw))
+    print(f"--download: {name}'s images in {base / layout['images']}, CoOp's split file {done}")
+
+
+def split_sha256(name, root, download=False):
+    """sha256 of the file that defines a dataset's split (CoOp's split file, the world's), or of `sha256sum`'s
+    lines for several (FGVC's lists, VPT's JSON, VTAB's lists); None where folders alone define it (ImageNet, its
+    variants, a folder) or the files are not there.
+    A run records it, is reused only on the same files, and the tables keep runs on other files apart."""
+    if name == "folder":
+        return None
+    root = Path(root).expanduser()
+    layout, base = DATASETS[name], root / DATASETS[name]["dir"]
+    if name == "world":
+        base = world.prepare_dataset(root)
+    elif download:
+        _download(name, root)
+    if layout["split"]:
+        names = [layout["split"]]
+    elif name == "fgvc_aircraft":
+        names = ["variants.txt"] + [f"images_variant_{s}.txt" for s in ("train", "val", "test")]
+    elif layout.get("reader") == "vpt-json":
+        names = ["train.json", "val.json", "test.json"]
+    elif layout.get("reader") == "vtab":
+        names = ["train800val200.txt", "train800.txt", "val200.txt", "test.txt"]
     else:
-        pools = {ours: _torchvision_items(name, getattr(tvd, cls)(fetched, split=theirs, download=True, **kwargs), base)
-                 for ours, theirs in splits.items()}
-    if "all" in pools:  # CoOp's own rule for datasets without an official split: 50% train, 20% val, 30% test
-        items = pools.pop("all")
-        pools = {"train": [], "val": [], "test": []}
-        for item in items:
-            f = hash_fraction(item[0])
-            pools["train" if f < 0.5 else "val" if f < 0.7 else "test"].append(item)
-    pools.setdefault("val", [])
-    label = {c: i for i, c in enumerate(sorted({c for items in pools.values() for _, c in items}))}
-    split = {s: [[os.path.relpath(p, image_dir), label[c], c] for p, c in items] for s, items in pools.items()}
-    image_dir.mkdir(parents=True, exist_ok=True)
-    files.save_json(target, split)
-    print(f"no CoOp split file for {name}: wrote a deterministic split to {target}")
+        return None
+    sums = [(n, hashlib.sha256((base / n).read_bytes()).hexdigest()) for n in names if (base / n).exists()]
+    if len(names) == 1:  # the split file's own sha256 (what `sha256sum` prints)
+        return sums[0][1] if sums else None
+    return hashlib.sha256("".join(f"{h}  {n}\n" for n, h in sums).encode()).hexdigest()  # of `sha256sum`'s lines
 
 
 def hash_fraction(text):

@@ -195,6 +195,13 @@ def collect(results, setting="base2new"):
         key = shots if setting == "fewshot" or r["shots"] != 16 else r["dataset"]
         label = r.get("method", "?") + (f" ({r['variant']})" if r.get("variant") else "")
         table[label][key].append(r)
+    for label in table:  # runs of one dataset on different split files are rows of their own: "dtd [split 1a2b3c4d]"
+        for key, runs in list(table[label].items()):
+            splits = {r.get("split_sha256") for r in runs}
+            if len(splits) > 1:
+                del table[label][key]
+                for r in runs:
+                    table[label][f"{key} [split {(r.get('split_sha256') or 'none')[:8]}]"].append(r)
     return table
 
 def base2new_table(results):

@@ -18,7 +18,8 @@ import files
 
 IN_PATH = {"method", "setting", "dataset", "shots", "seed"}  # runs/<method>/<setting>/<dataset>/shots<k>_seed<s>
 # --root is left out of folder names (every real run sets it); a finished run under another --root is still not reused.
-# variant is derived from the other flags; code is compared on its own (see `reusable`).
+# variant is derived from the other flags; code is compared on its own (see `reusable`). The split files' sha256
+# (split_sha256, target_split_sha256) are compared as arguments: a run on other split files is not reused.
 DERIVED = {"variant", "code"}
 
 
@@ -184,6 +185,7 @@ def run_one(run, args, ranks=None):
         raise
     results["wall_time"] = time.time() - start
     results["code"] = args.code
+    results |= {k: getattr(args, k) for k in ("split_sha256", "target_split_sha256") if hasattr(args, k)}
     if ranks:  # which process did the run (torchrun)
         results |= dict(zip(("rank", "world_size"), ranks))
     files.save_json(Path(args.out) / "results.json", results)

@@ -315,7 +315,13 @@ def test_released_presets_reach_model_and_optimizer_and_flags_override_them():
     (dogs,) = runs.plan(davpt.parser, davpt.configure, davpt.__file__, ["--dataset", "dogs", "--root", "/nowhere"])[1]
     assert (dogs.beta, dogs.lam, dogs.batch_size, dogs.samples_per_class) == (0.01, 0.01, 64, 4)  # the config's intent
     (world,) = runs.plan(davpt.parser, davpt.configure, davpt.__file__, [])[1]
-    assert (world.guided_layers, world.lr, world.mask) == ("-1", 1e-3, False)  # no config: the code's defaults
+    assert (world.guided_layers, world.lr, world.mask) == ("-1", 1e-3, False)  # no config applies
+    # The row for datasets without a config is not called params.py's defaults (those switch the losses off).
+    assert "default" not in davpt.PRESETS and (world.beta, world.lam) == (0.01, 0.01)
+    # smallnorb_ele's damaged file as the released parser reads it: cls_loss_weight 0.1 and eval_after 90 are set
+    # before the damage, vpt_loss_weight is not (params.py's 0).
+    (ele,) = runs.plan(davpt.parser, davpt.configure, davpt.__file__, ["--dataset", "vtab-smallnorb_ele", "--root", "/x"])[1]
+    assert (ele.beta, ele.lam, ele.eval_after, ele.lr, ele.num_other, ele.dynamic_kmeans) == (0, 0.1, 90, 5e-5, 5, 10)
 
 
 def test_l2_prompt_norm_and_drop_path():

@@ -2,7 +2,11 @@
 
 Run: python -m pytest tests/test_protocol.py
 """
+import gzip
+import hashlib
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +92,10 @@ def test_fewshot_picks_are_coops_published_picks():
 def test_eurosat_layout_and_prepare(tmp_path):
     """CoOp's EuroSAT layout: eurosat/2750/<Class>/x.jpg + split_zhou_EuroSAT.json with CoOp's class names."""
     base = tmp_path / "eurosat"
-    names = list(data.EUROSAT_NAMES.items())
+    names = [("AnnualCrop", "Annual Crop Land"), ("Forest", "Forest"), ("HerbaceousVegetation", "Herbaceous Vegetation Land"),
+             ("Highway", "Highway or Road"), ("Industrial", "Industrial Buildings"), ("Pasture", "Pasture Land"),
+             ("PermanentCrop", "Permanent Crop Land"), ("Residential", "Residential Buildings"), ("River", "River"),
+             ("SeaLake", "Sea or Lake")]  # CoOp's EuroSAT folders and class names
     split = {s: [] for s in ("train", "val", "test")}
     for label, (folder, name) in enumerate(names):
         for i in range(4):
@@ -204,24 +211,109 @@ def test_feature_store_keys_invalidation_and_corruption(tmp_path):
     assert list(tmp_path.glob("*.tmp")) == []
 
 
-def test_download_arranges_a_torchvision_dataset_into_a_split_file(tmp_path, monkeypatch):
-    """--download: torchvision's EuroSAT (an ImageFolder) becomes a CoOp-format split the normal reader reads."""
+@pytest.mark.skipif(not SPLITS.exists(), reason="shared/reference/coop_splits is not beside the repo")
+def test_the_shipped_split_files_are_coops_byte_for_byte():
+    shipped = sorted(data.SPLITS.glob("split_zhou_*.json.gz"))
+    assert len(shipped) == 7
+    for f in shipped:
+        assert gzip.decompress(f.read_bytes()) == (SPLITS / f.name.removesuffix(".gz")).read_bytes(), f.name
+
+
+def small_split(names):
+    """A split file in CoOp's format (class folders, CoOp's names, 2 train, 1 val, 1 test image per class)."""
+    split = {s: [] for s in ("train", "val", "test")}
+    for y, c in enumerate(names):
+        for i, part in enumerate(["train", "train", "val", "test"]):
+            split[part].append([f"{c}/{c}_{i:04d}.jpg", y, c])
+    return split
+
+
+def fake_torchvision(monkeypatch, cls, folder, split, leave_out=0):
+    """torchvision's `cls` as --download uses it: download=True writes the images of `split` under root/folder."""
     import torchvision.datasets as tvd
 
-    class FakeEuroSAT:  # what torchvision's EuroSAT exposes after download=True: .samples of (path, label)
-        def __init__(self, root, download):
+    class Fake:
+        def __init__(self, root, download, **options):
             assert download
-            folder = Path(root) / "eurosat" / "2750"
-            write_images([folder / c / f"{c}_{i}.jpg" for c in ("AnnualCrop", "SeaLake") for i in range(10)])
-            self.samples = [(str(p), 0) for p in sorted(folder.rglob("*.jpg"))]
+            paths = [p for part in split.values() for p, _, _ in part]
+            write_images([Path(root) / folder / p for p in paths[leave_out:]])
+    monkeypatch.setattr(tvd, cls, Fake)
 
-    monkeypatch.setattr(tvd, "EuroSAT", FakeEuroSAT)
-    ds = data.load_dataset("eurosat", tmp_path, download=True)
-    assert ds.classnames == ["Annual Crop Land", "Sea or Lake"]  # CoOp's renamed classes
-    assert len(ds.train) + len(ds.val) + len(ds.test) == 20 and ds.train and ds.test
-    again = data.load_dataset("eurosat", tmp_path, download=True)  # the written split is reused, not redone
-    assert [p for p, _, _ in again.test] == [p for p, _, _ in ds.test]
-    assert Path(ds.test[0][0]).resolve().exists()
+
+def test_download_places_coops_own_split_file_checked_against_the_images(tmp_path, monkeypatch):
+    """--download dtd: torchvision's images linked where CoOp's layout has them and CoOp's split file (here a small
+    one in its place) written beside them, unchanged; a download that lacks an image writes no split file."""
+    split = small_split(["banded", "blotchy", "braided"])
+    raw = json.dumps(split).encode()
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "split_zhou_DescribableTextures.json.gz").write_bytes(gzip.compress(raw))
+    monkeypatch.setattr(data, "SPLITS", tmp_path / "splits")
+    monkeypatch.setitem(data.COOP_SIZES, "dtd", (6, 3, 3))
+    fake_torchvision(monkeypatch, "DTD", "dtd/dtd/images", split, leave_out=1)
+    with pytest.raises(data.InputError, match="1 images of CoOp's dtd split are not under"):
+        data.load_dataset("dtd", tmp_path / "a", download=True)
+    assert not (tmp_path / "a/dtd/split_zhou_DescribableTextures.json").exists()
+    fake_torchvision(monkeypatch, "DTD", "dtd/dtd/images", split)
+    ds = data.load_dataset("dtd", tmp_path / "b", download=True)
+    assert (tmp_path / "b/dtd/split_zhou_DescribableTextures.json").read_bytes() == raw  # CoOp's file, as it is
+    assert ds.classnames == ["banded", "blotchy", "braided"] and (len(ds.train), len(ds.val), len(ds.test)) == (6, 3, 3)
+    assert Path(ds.test[0].path).resolve().is_relative_to((tmp_path / "b/dtd/torchvision").resolve())
+    assert sorted(p.name for p in (tmp_path / "b/dtd").iterdir()) == ["images", "split_zhou_DescribableTextures.json",
+                                                                      "torchvision"]
+    monkeypatch.setitem(data.COOP_SIZES, "dtd", (4128, 1649, 2465))  # a file of other sizes is not CoOp's
+    with pytest.raises(data.InputError, match="it is not CoOp's split"):
+        data.load_dataset("dtd", tmp_path / "c", download=True)
+
+
+def test_download_fetches_the_split_files_that_do_not_ship_from_coops_public_copy(tmp_path, monkeypatch):
+    """Food101's split file comes from the public copy (a local server here, in Google Drive's place); an answer
+    that is not the file (Drive's HTML page) is an error that says where to get it, and nothing is written."""
+    split = small_split(["apple_pie", "baby_back_ribs"])
+    answers = {"1QK0tGi096I0Ba6kggatX1ee6dJFIcEJl": json.dumps(split).encode()}
+
+    class Drive(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = answers.get(self.path.rsplit("=", 1)[-1], b"<!DOCTYPE html><html>Google Drive</html>")
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Drive)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(data, "DRIVE_URL", f"http://127.0.0.1:{server.server_port}/uc?id={{}}")
+        monkeypatch.setitem(data.COOP_SIZES, "food101", (4, 2, 2))
+        fake_torchvision(monkeypatch, "Food101", "food-101/images", split)
+        ds = data.load_dataset("food101", tmp_path / "a", download=True)
+        assert (tmp_path / "a/food-101/split_zhou_Food101.json").read_bytes() == answers["1QK0tGi096I0Ba6kggatX1ee6dJFIcEJl"]
+        assert ds.classnames == ["apple pie", "baby back ribs"]
+        answers.clear()
+        with pytest.raises(data.InputError, match="did not answer with CoOp's split_zhou_Food101.json.*by hand"):
+            data.load_dataset("food101", tmp_path / "b", download=True)
+        assert not (tmp_path / "b/food-101/split_zhou_Food101.json").exists()
+    finally:
+        server.shutdown()
+
+
+def test_a_run_records_its_split_files_sha256_and_other_split_files_are_other_runs(tiny, tmp_path, capsys):
+    """results.json and args.json hold the split file's sha256 (what sha256sum prints); the same command on an
+    edited split file is refused, not reused; the tables keep runs on different split files apart."""
+    import coop
+    argv = ["--root", str(tmp_path), "--backbone", str(tiny / "clip.pt"), "--epochs", "0", "--device", "cpu",
+            "--workers", "0", "--out", str(tmp_path / "run")]
+    r = coop.main(argv)
+    split_file = tmp_path / "world" / "split_world.json"
+    sha = hashlib.sha256(split_file.read_bytes()).hexdigest()
+    assert r["split_sha256"] == sha and files.read_json(tmp_path / "run/args.json")["split_sha256"] == sha
+    split_file.write_text(json.dumps(json.loads(split_file.read_text()), indent=1))  # the same split, another file
+    with pytest.raises(SystemExit):
+        coop.main(argv)
+    assert "split_sha256" in capsys.readouterr().err
+    runs = [dict(r, split_sha256=h, base_acc=b) for h, b in (("aaaaaaaa11", 60.0), ("bbbbbbbb22", 80.0))]
+    table = evaluation.base2new_table(runs)
+    assert "| world [split aaaaaaaa] | 60.00 |" in table and "| world [split bbbbbbbb] | 80.00 |" in table
 
 
 @pytest.mark.parametrize("name", [n for n, d in data.DATASETS.items() if d["split"] and n != "world"])
