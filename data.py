@@ -426,19 +426,15 @@ def _download(name, root):
     print(f"--download: {name}'s images in {base / layout['images']}, CoOp's split file {done}")
 
 
-def split_sha256(name, root, download=False):
+def split_sha256(name, root):
     """sha256 of the file that defines a dataset's split (CoOp's split file, the world's), or of `sha256sum`'s
     lines for several (FGVC's lists, VPT's JSON, VTAB's lists); None where folders alone define it (ImageNet, its
-    variants, a folder) or the files are not there.
+    variants, a folder) or the files are not there (yet: nothing is downloaded or rendered here).
     A run records it, is reused only on the same files, and the tables keep runs on other files apart."""
     if name == "folder":
         return None
-    root = Path(root).expanduser()
-    layout, base = DATASETS[name], root / DATASETS[name]["dir"]
-    if name == "world":
-        base = world.prepare_dataset(root)
-    elif download:
-        _download(name, root)
+    layout = DATASETS[name]
+    base = Path(root).expanduser() / layout["dir"]
     if layout["split"]:
         names = [layout["split"]]
     elif name == "fgvc_aircraft":

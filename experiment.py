@@ -124,10 +124,23 @@ def device_and_autocast(device, precision):
     return device, lambda: torch.autocast(device.split(":")[0], dtype=dtype, enabled=enabled)
 
 
+def split_record(args):
+    """{split_sha256: the dataset's split files' sha256, target_split_sha256 (cross-dataset): each target's}."""
+    record = {"split_sha256": data.split_sha256(args.dataset, args.root)}
+    if args.setting == "crossdataset":
+        record["target_split_sha256"] = {t: data.split_sha256(t, args.root) for t in args.targets}
+    return record
+
+
 def start(args, split):
-    """The start of a run: write train_files.json, seed torch; returns the run's (device, autocast factory)."""
+    """The start of a run: write train_files.json (and args.json again where the split files were first rendered
+    or downloaded by this run: their sha256 now), seed torch; returns the run's (device, autocast factory)."""
     if not args.eval_only:
         files.save_json(Path(args.out) / "train_files.json", [it.path for it in split.train])
+        made = split_record(args)
+        if made != {k: getattr(args, k, None) for k in made}:
+            vars(args).update(made)
+            files.save_json(Path(args.out) / "args.json", vars(args))
     torch.manual_seed(args.seed)
     # Denormal floats are ~100x slower on CPUs (DA-VPT's Adam state reached them on the world: 1 s per step instead
     # of 10 ms); flushing them to zero changes no number measurably.

@@ -185,7 +185,7 @@ def run_one(run, args, ranks=None):
         raise
     results["wall_time"] = time.time() - start
     results["code"] = args.code
-    results |= {k: getattr(args, k) for k in ("split_sha256", "target_split_sha256") if hasattr(args, k)}
+    results |= experiment.split_record(args)  # the split files the run read
     if ranks:  # which process did the run (torchrun)
         results |= dict(zip(("rank", "world_size"), ranks))
     files.save_json(Path(args.out) / "results.json", results)

@@ -40,10 +40,7 @@ def plan(parser, configure, script, argv=None):
     for one in jobs:
         one.variant = variant(parser, configure, args, one, script)
         one.code = code
-        # The split the run trains and tests on: its files' sha256 (--download fetches the data here, first).
-        one.split_sha256 = data.split_sha256(one.dataset, one.root, one.download)
-        if one.setting == "crossdataset":
-            one.target_split_sha256 = {t: data.split_sha256(t, one.root, one.download) for t in one.targets}
+        vars(one).update(experiment.split_record(one))  # the split files it trains and tests on, compared for reuse
         name = f"shots{one.shots}_seed{one.seed}" + (f"_{one.variant}" if one.variant else "")
         one.out = args.out if args.out and len(jobs) == 1 else str(
             Path(args.out or f"runs/{one.method}") / one.setting / one.dataset / name)
