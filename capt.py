@@ -53,7 +53,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
 
 import clip
 import data
@@ -326,7 +325,7 @@ def train(capt, model, split, args, *, device, autocast):
             group["lr"] = experiment.lr_at_epoch(epoch, group["base_lr"], args.epochs, args.warmup_lr)
         capt.train()
         meter = experiment.Meter()
-        for inputs, labels in tqdm(batches(epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
+        for inputs, labels in experiment.progress(batches(epoch), f"epoch {epoch + 1}/{args.epochs}"):
             loss, logits = step(inputs, labels)
             meter.add(loss, logits, labels)
         print(f"epoch {epoch + 1}/{args.epochs}  {meter.summary(epoch, optimizer.param_groups[0]['lr'])}")
@@ -393,6 +392,7 @@ def configure(args):
 def run(args):
     """One run (one dataset, one seed): train prompt and meta-net (and CAT head), then score every test set."""
     split = data.prepare_for(args)
+    experiment.check_prompts(split, args.ctx_init or " ".join(["X"] * args.n_ctx))  # CLIP reads 77 tokens: checked now
     device, autocast = experiment.start(args, split)  # seeded; autocast: bf16 for the frozen CLIP on CUDA, fp32 on CPU
     model, _ = clip.load(args.backbone, device=device)
     model.requires_grad_(False)  # CLIP stays frozen: only the context, meta-net (and CAT head) train

@@ -28,7 +28,6 @@ Dimension legend: B batch, C classes, M context tokens, T text tokens (<= 77), D
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import clip
 import data
@@ -121,7 +120,7 @@ def train(module, model, split, args, *, device, autocast):
         for group in optimizer.param_groups:
             group["lr"] = lr
         meter = experiment.Meter()
-        for inputs, labels in tqdm(batches(epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
+        for inputs, labels in experiment.progress(batches(epoch), f"epoch {epoch + 1}/{args.epochs}"):
             loss, logits = step(inputs, labels)
             meter.add(loss, logits, labels)
         print(f"epoch {epoch + 1}/{args.epochs}  {meter.summary(epoch, lr)}")
@@ -153,6 +152,7 @@ def configure(args):
 def run(args):
     """One run (one dataset, one seed): load CLIP frozen, train the context, then score every test set."""
     split = data.prepare_for(args)
+    experiment.check_prompts(split, args.ctx_init or " ".join(["X"] * args.n_ctx))  # CLIP reads 77 tokens: checked now
     device, autocast = experiment.start(args, split)  # seeded; autocast: bf16 for the frozen CLIP on CUDA, fp32 on CPU
     model, _ = clip.load(args.backbone, device=device)
     model.requires_grad_(False)  # CLIP stays frozen: only the prompt learner trains

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
-from tqdm import tqdm
 
 import files
 import world
@@ -90,7 +89,7 @@ def add_arguments(parser):
     group = parser.add_argument_group("data and protocol (shared by every method)")
     group.add_argument("--dataset", nargs="+", default=None,
                        help="dataset name(s) (see data.DATASETS) or 'folder'; default world (imagenet for crossdataset)")
-    group.add_argument("--root", default=str(ROOT),
+    group.add_argument("--root", default=str(ROOT), type=files.path,
                        help="folder holding the datasets in their published layouts (default: data/ beside the code, "
                             "where the built-in world is cached)")
     group.add_argument("--shots", type=shots, default=16,
@@ -203,7 +202,10 @@ def _read_folders(image_dir, classnames_file=None):
     """Folder-per-class tree -> items, classes in sorted folder order; names from an ImageNet classnames.txt if given.
     A class's files are in sorted order, so ImageNet's few-shot pool (and its picks) is too; Dassl lists them with
     os.listdir, whose order depends on the filesystem."""
-    folders = sorted(d.name for d in image_dir.iterdir() if d.is_dir() and not d.name.startswith("."))  # no .cache
+    folders = sorted(d.name for d in image_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    hidden = sorted(d.name for d in image_dir.iterdir() if d.is_dir() and d.name.startswith(".") and d.name != ".cache")
+    if hidden:  # .cache is the feature store's
+        print(f"note: {image_dir}: skipping folders whose names start with '.' (not classes): {hidden}")
     names = {}
     if classnames_file is not None:
         for line in _need(classnames_file, "imagenet").read_text().splitlines():
@@ -332,7 +334,7 @@ def _classnames(items):
 def _folder_dataset(root):
     """Bring your own data: root/<class name>/*.jpg, optionally under root/train/ and root/test/."""
     if not root.is_dir():
-        raise InputError(f"{root} not found; --dataset folder expects --root DIR with DIR/<class name>/*.jpg "
+        raise InputError(f"{root} " + ("is a file, not a folder" if root.exists() else "not found") + "; --dataset folder expects --root DIR with DIR/<class name>/*.jpg "
                                 f"(optionally DIR/train/<class>/ and DIR/test/<class>/)")
     if (root / "train").is_dir() and (root / "test").is_dir():
         train, test = _read_folders(root / "train"), _read_folders(root / "test")
@@ -529,6 +531,9 @@ def prepare(name, root, *, shots, seed, setting="base2new", targets=(), download
     labels = {it.label for it in ds.train}
     if setting not in ("base2new", "fewshot", "crossdataset"):
         raise InputError(f"unknown setting {setting!r}; use base2new, fewshot or crossdataset")
+    if setting == "base2new" and len(labels) < 2:
+        raise InputError(f"{name} has {len(labels)} class: base-to-new needs 2 or more (base and new halves); "
+                         f"use --setting fewshot")
     parts = ("base", "new") if setting == "base2new" else ("all",)
     train_items, classnames = split_base_new(train, parts[0], labels)
     tests = {}
@@ -563,7 +568,7 @@ def check_images(items, cache_dir=None):
     if cache_dir and marker.exists():
         return
     bad = []
-    for path in tqdm(paths, desc="checking images", leave=False, disable=len(paths) < 2000):
+    for path in files.progress(paths, "checking images", disable=len(paths) < 2000):
         try:
             with Image.open(path) as image:  # reads the header; PIL refuses decompression bombs here
                 image.size

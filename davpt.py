@@ -57,7 +57,6 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import clip
 import data
@@ -407,7 +406,7 @@ def train(model, split, args, *, device, autocast, score):
         batches = data.loader(split.train, transform, args.batch_size, train=True, num_workers=args.workers,
                               seed=args.seed * 1000 + epoch, batch_sampler=sampler)
         meter = experiment.Meter()
-        for images, y in tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
+        for images, y in experiment.progress(batches, f"epoch {epoch + 1}/{args.epochs}"):
             images, y = images.to(device), y.to(device)
             lr = lr_at(step, total, warmup, args.lr)
             for grp in opt.param_groups:
@@ -444,8 +443,8 @@ def evaluate(model, test, args, *, device, autocast, text_weights=None):
     model.eval()
     correct = total = 0
     transform = test.transform(model.clip.visual.input_resolution)
-    for images, y in tqdm(data.loader(test.items, transform, 100, train=False, num_workers=args.workers),
-                          desc=f"{test.dataset} {test.part}", leave=False):
+    for images, y in experiment.progress(data.loader(test.items, transform, 100, train=False, num_workers=args.workers),
+                                         f"{test.dataset} {test.part}"):
         with autocast():
             feats, _ = model(images.to(device))
         correct += (model.logits(feats, text_weights).argmax(1).cpu() == y).sum().item()
@@ -465,6 +464,8 @@ def configure(args):
 def run(args):
     """One run (one dataset, one seed): train the prompts (and head), then score every test set the head can score."""
     split = data.prepare_for(args)
+    if args.head == "text":
+        experiment.check_prompts(split)  # every class's prompt fits CLIP's 77 tokens, checked before training
     device, autocast = experiment.start(args, split)  # seeded; autocast: bf16 for the frozen CLIP on CUDA, fp32 on CPU
     clip_model, _ = clip.load(args.backbone, device=device)
     clip_model.requires_grad_(False)  # frozen, but for the prompts (and with --tune-bias, its biases)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import clip
 import data
@@ -61,7 +60,7 @@ EVAL_BATCH = 100  # images per batch when test features are computed (sharded on
 def image_features(model, loader, device, autocast, desc="features"):
     """(N, E) raw frozen image features and (N,) labels of a loader, computed once."""
     feats, labels = [], []
-    for images, y in tqdm(loader, desc=desc, leave=False):
+    for images, y in files.progress(loader, desc):
         with autocast():
             f = model.encode_image(images.to(device))
         feats.append(f.float().cpu())

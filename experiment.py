@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+import clip
 import data
 import eval as evaluation
 import files
@@ -44,6 +45,13 @@ def fraction(text):
     """argparse type: a number in [0, 1)."""
     return _checked(float, text, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
+def seed(text):
+    """argparse type: a seed in [0, 2**32) (Python's random treats -5 as 5; numpy takes no larger one)."""
+    return _checked(int, text, lambda v: 0 <= v < 2**32, "a seed in [0, 4294967295]")
+
+path = files.path  # argparse type of a path flag: '~' expanded, made absolute and normal
+progress = files.progress  # a bar on a terminal only: a log file gets one line per epoch
+
 def _checked(kind, text, ok, expected):
     try:
         value = kind(text)
@@ -54,6 +62,17 @@ def _checked(kind, text, ok, expected):
     return value
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """--help shows every flag's default (a flag whose default is None says in its help what fills it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            shown = " ".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
+            text += " (default: " + shown.replace("%", "%%") + ")"
+        return text
+
+
 def parser(description, *, epochs, batch_size, lr, recipe):
     """An argparse parser with every shared flag; the method script adds its own flags after it.
 
@@ -62,12 +81,12 @@ def parser(description, *, epochs, batch_size, lr, recipe):
     `parser.neutral` names the flags that cannot change a run's numbers (never in a folder name, never a reason to
     redo a run); a method adds its own (e.g. a chunk size) with `parser.neutral.add(name)`.
     """
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpWithDefaults)
     data.add_arguments(p)
     group = p.add_argument_group("run (shared by every method)")
-    group.add_argument("--seed", type=int, nargs="+", default=[1],
+    group.add_argument("--seed", type=seed, nargs="+", default=[1],
                        help="seed(s) of the few-shot sample and the training (papers: 1 2 3); one run per dataset and seed")
-    group.add_argument("--backbone", default="auto",
+    group.add_argument("--backbone", default="auto", type=files.path_or("auto", *clip.available_models()),
                        help="OpenAI model name (ViT-B/16 ...) or checkpoint path; auto = the world's CLIP on world, else ViT-B/16")
     group.add_argument("--epochs", type=natural, default=None, help=f"training epochs ({recipe}: {epochs})")
     group.add_argument("--batch-size", type=positive_int, default=None, help=f"training batch size ({recipe}: {batch_size})")
@@ -76,9 +95,9 @@ def parser(description, *, epochs, batch_size, lr, recipe):
     group.add_argument("--workers", type=natural, default=None, help="data-loading processes (default: min(4, cores))")
     group.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                        help="autocast dtype of the frozen encoders on CUDA (auto = bf16 on CUDA, fp32 on CPU)")
-    group.add_argument("--out", default=None,
-                       help="run folder of a single run; for several, their parent (default runs/<method>/<setting>/"
-                            "<dataset>/shots<k>_seed<s>[_what differs from the defaults])")
+    group.add_argument("--out", default=None, type=files.path,
+                       help="run folder of a single run; for several, their parent (default: runs/<method>/<setting>/"
+                            "<dataset>/shots<k>_seed<s>[_what differs from the defaults] in the current directory)")
     group.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint saved in --out, no training")
     group.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished epoch")
     group.add_argument("--force", action="store_true", help="redo runs that already have results.json")
@@ -96,7 +115,7 @@ def add_frozen_feature_flags(p):
     group.add_argument("--cuda-graph", action="store_true",
                        help="CUDA: capture each training step (image encoder, text forward and backward, SGD) in one "
                             "CUDA graph and replay it: the eager step's kernels and arguments, so its logits and updates")
-    group.add_argument("--store", default="auto",
+    group.add_argument("--store", default="auto", type=files.path_or("auto", "none"),
                        help="feature store for frozen features (auto = <root>/.cache/features; none = off)")
     group.add_argument("--cache-views", type=natural, default=0,
                        help="K > 0: encode K augmented views of each training image once and train on features")
@@ -146,6 +165,19 @@ def start(args, split):
     # of 10 ms); flushing them to zero changes no number measurably.
     torch.set_flush_denormal(True)
     return device_and_autocast(args.device, args.precision)
+
+
+def check_prompts(split, context=""):
+    """Every prompt the run will build fits CLIP's 77 tokens: "<context> <class>." (the learned context's length,
+    e.g. "X X X X") and each test set's own template, for the class names of training and of every test set.
+    Checked before training, so that a long class name (a --dataset folder's folder name) ends nothing half-way."""
+    for test in [split, *split.tests.values()]:
+        for name in test.classnames:
+            for text in (f"{context} {name}.".strip(), test.template.format(name)):
+                n = int((clip.tokenize(text, context_length=1000)[0] > 0).sum())  # <start> ... <end>
+                if n > 77:
+                    raise files.InputError(f"class {name!r}: the prompt {text!r} is {n} tokens long, CLIP reads 77 at "
+                                           f"most; shorten the class name (a --dataset folder's folder name)")
 
 
 def default_backbone(dataset):

@@ -5,10 +5,12 @@ Every module may import this one; it imports nothing of the project. A file a ru
 """
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent  # the project's folder
 ROOT = HERE / "data"  # the default --root: the built-in world is cached in ROOT/world
@@ -16,6 +18,22 @@ ROOT = HERE / "data"  # the default --root: the built-in world is cached in ROOT
 
 class InputError(ValueError):
     """Bad input from the user (a flag, a folder, a file): the scripts print its message as one `error:` line."""
+
+
+def path(text):
+    """argparse type of every path flag: '~' expanded and the path made absolute and normal, as the shell does for
+    an unquoted ~: '--root=~/data' means the home folder's data, and '--root /x/' the same folder as '--root /x'."""
+    return os.path.abspath(os.path.expanduser(text))
+
+def path_or(*words):
+    """argparse type: one of the words (e.g. 'auto', 'none') as it is, else a path (see `path`)."""
+    return lambda text: text if text in words else path(text)
+
+
+def progress(iterable, desc, disable=False, **kwargs):
+    """A progress bar on a terminal only: a log file gets the epoch lines and no bars (TQDM_DISABLE=1: none at all)."""
+    off = disable or os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false") or not sys.stderr.isatty()
+    return tqdm(iterable, desc=desc, leave=False, disable=off, **kwargs)
 
 
 UMASK = os.umask(0o022)  # read the process's umask (setting it is the only way) ...

@@ -45,7 +45,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import clip
 import data
@@ -57,7 +56,7 @@ parser = experiment.parser("SemPT: prompt tuning with shared attribute descripti
                            lr=0.0035, recipe="SemPT's recipe is not public: coop.py's")
 experiment.add_frozen_feature_flags(parser)  # --store also keeps the attribute embeddings
 # method (reconstructed defaults, see the docstring)
-parser.add_argument("--descriptions", default=None,
+parser.add_argument("--descriptions", default=None, type=experiment.path,
                     help="one description file for every dataset of the run, cross-dataset targets included "
                          "(default descriptions/<dataset>.json)")
 parser.add_argument("--tau", type=experiment.positive, default=0.01, help="temperature of the visually guided weighting (0.01)")
@@ -103,18 +102,28 @@ def load_descriptions(path, classnames):
     if not path.exists():
         raise data.InputError(f"no description file {path}; write one with `python descriptions/describe.py "
                               f"--dataset ... --llm-url ...` or pass --descriptions FILE")
+    fix = "fix the file or write it again with descriptions/describe.py"
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise data.InputError(f"{path} is not valid JSON ({e}); fix it or write it again with descriptions/describe.py") \
-            from None
-    table = raw["descriptions"] if "descriptions" in raw and "attributes" in raw else raw  # ours, or TAP/CuPL/DCLIP
+        raise data.InputError(f"{path} is not valid JSON ({e}); {fix}") from None
+    def strings(v, where):  # every value of every format: a non-empty list of non-empty strings, else one error line
+        bad = [s for s in v if not (isinstance(s, str) and s.strip())] if isinstance(v, list) and v else [v]
+        if bad:
+            raise data.InputError(f"{path}: {where} must be a list of non-empty strings, found "
+                                  f"{json.dumps(bad[0])[:80]}{'' if bad[0] is v else ' in it'}; {fix}")
+        return list(v)
+    ours = isinstance(raw, dict) and "descriptions" in raw and "attributes" in raw
+    table = raw["descriptions"] if ours else raw  # ours, TAP's {class: {attribute: [...]}} or CuPL's {class: [...]}
+    if not isinstance(table, dict):
+        raise data.InputError(f"{path}: expected an object {{class: ...}}, found {json.dumps(table)[:80]}; {fix}")
     normal = lambda c: data.classname(c).strip().lower()  # noqa: E731  data.py's rule, case-blind like TAP
-    table = {normal(c): v if isinstance(v, dict) else {"description": v} for c, v in table.items()}
+    table = {normal(c): {a: strings(s, f"class {c!r}, attribute {a!r}") for a, s in v.items()}
+             if isinstance(v, dict) and v else {"description": strings(v, f"class {c!r}")} for c, v in table.items()}
     missing = [c for c in classnames if normal(c) not in table]
     if missing:
         raise data.InputError(f"{path} has no descriptions for {len(missing)} classes: {missing}")
-    attributes = raw.get("attributes") or list(table[normal(classnames[0])])
+    attributes = strings(raw["attributes"], 'its "attributes"') if ours else list(table[normal(classnames[0])])
     out = {}
     for c in classnames:
         entry = table[normal(c)]
@@ -135,7 +144,7 @@ def attribute_embeddings(model, attributes, descriptions, store, autocast, chunk
     def compute():
         sentences = [(i, k, s) for i, c in enumerate(names) for k, a in enumerate(attributes) for s in descriptions[c][a]]
         feats = []
-        for start in tqdm(range(0, len(sentences), chunk), desc="attribute embeddings", leave=False):
+        for start in experiment.progress(range(0, len(sentences), chunk), "attribute embeddings"):
             tokens = clip.tokenize([s for _, _, s in sentences[start:start + chunk]], truncate=True).to(device)
             with autocast():
                 feats.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
@@ -301,7 +310,7 @@ def train(module, model, split, args, *, device, autocast):
         for group in optimizer.param_groups:
             group["lr"] = lr
         meter = experiment.Meter()
-        for inputs, labels in tqdm(batches(epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
+        for inputs, labels in experiment.progress(batches(epoch), f"epoch {epoch + 1}/{args.epochs}"):
             loss, logits = step(inputs, labels)
             meter.add(loss, logits, labels)
         print(f"epoch {epoch + 1}/{args.epochs}  {meter.summary(epoch, lr)}")
@@ -329,6 +338,7 @@ def configure(args):
 def run(args):
     """One run (one dataset, one seed): train the context with both heads, then score every test set."""
     split = data.prepare_for(args)
+    experiment.check_prompts(split, args.ctx_init or " ".join(["X"] * args.n_ctx))  # CLIP reads 77 tokens: checked now
     device, autocast = experiment.start(args, split)  # seeded; autocast: bf16 for the frozen CLIP on CUDA, fp32 on CPU
     model, _ = clip.load(args.backbone, device=device)
     model.requires_grad_(False)  # CLIP stays frozen: only the context trains

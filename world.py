@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 import clip
 import files
@@ -127,7 +126,7 @@ def pretrain(images, tokens, steps, seed, batch=PRETRAIN["batch"], lr=PRETRAIN["
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     g = torch.Generator().manual_seed(seed)
     losses = []
-    for _ in tqdm(range(steps), desc="pretraining the world's CLIP", leave=False):
+    for _ in files.progress(range(steps), "pretraining the world's CLIP"):
         idx = torch.randint(len(images), (batch,), generator=g)
         img = F.normalize(model.encode_image(to_input(images[idx])), dim=-1)  # (b, E)
         txt = F.normalize(model.encode_text(tokens[idx]), dim=-1)  # (b, E)

@@ -6,7 +6,8 @@
 Step 1, once per dataset: the K visual attributes shared by all its classes (STEP1 below). Step 2, once per class:
 J sentences per attribute (STEP2). Every answer is validated (K distinct attributes; every attribute of a class has
 sentences that fit CLIP's 77-token context) and cached under descriptions/.cache/<name>/, keyed by the model and
-the prompt, so a run that was interrupted resumes without asking again. The API key is read from the environment
+the prompt, so an interrupted run resumes, and a finished one run again, without asking again. An endpoint that is
+no chat API, refuses, or never answers ends the run with one error line. The API key is read from the environment
 variable named by --llm-key-env and is never printed or written. The result, read by sempt.py:
 
     {"dataset", "llm", "prompt_version", "attributes": [K], "descriptions": {class: {attribute: [J sentences]}}}
@@ -55,9 +56,9 @@ HERE = Path(__file__).resolve().parent
 
 parser = argparse.ArgumentParser(description="Write descriptions/<dataset>.json for SemPT with an LLM")
 parser.add_argument("--dataset", required=True, help="dataset name (see data.DATASETS) or 'folder'")
-parser.add_argument("--root", default=str(data.ROOT), help="folder holding the datasets (for the class names)")
+parser.add_argument("--root", default=str(data.ROOT), type=files.path, help="folder holding the datasets (for the class names)")
 parser.add_argument("--download", action="store_true", help="fetch the dataset with torchvision if it is missing")
-parser.add_argument("--out", default=None, help="description file to write (default descriptions/<dataset>.json)")
+parser.add_argument("--out", default=None, type=files.path, help="description file to write (default descriptions/<dataset>.json)")
 parser.add_argument("--force", action="store_true", help="overwrite --out if it exists (default: write beside it)")
 parser.add_argument("--llm-url", default="https://api.openai.com/v1", help="base URL of an OpenAI-compatible chat API")
 parser.add_argument("--llm-model", default="gpt-4o", help="chat model name")
@@ -73,14 +74,25 @@ parser.add_argument("--n-sentences", type=experiment.positive_int, default=3, he
 
 
 def ask(url, model, messages, key, timeout, json_mode=True):
-    """One chat completion over plain HTTP + JSON; returns the answer's text."""
+    """One chat completion over plain HTTP + JSON: the answer's text (a reply of another kind: InputError)."""
     url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else "/chat/completions")
     body = {"model": model, "messages": messages, "temperature": 0}
     body = json.dumps(body | ({"response_format": {"type": "json_object"}} if json_mode else {})).encode()
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())["choices"][0]["message"]["content"]
+        reply = response.read()
+        try:
+            return json.loads(reply)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):  # a web page, another API: asking again cannot help
+            raise files.InputError(f"{url} answered {came_back(response.headers, reply)}, not a chat completion: check "
+                                   f"--llm-url (an OpenAI-compatible API's base, often ending in /v1)") from None
+
+
+def came_back(headers, reply):
+    """What an endpoint sent back, for an error line: its content type and first bytes."""
+    text = " ".join(reply[:300].decode(errors="replace").split())[:100]  # the first bytes, on one line
+    return f"{headers.get('Content-Type') or 'no content type'} {text!r}"
 
 
 def parse_json(text):
@@ -119,7 +131,9 @@ def check_sentences(answer, attributes):
 
 
 def cached_answer(prompt, validate, args, key, cache_dir, what):
-    """Ask once: a validated answer is stored under a hash of (model, prompt); failures are retried with backoff."""
+    """Ask once: a validated answer is stored under a hash of (model, prompt). Failures are retried with backoff,
+    except those asking again cannot mend: a refusal (HTTP 4xx), a reply that is no chat completion, and no answer
+    at all before the endpoint has answered once (a wrong --llm-url): those end the run with one error line."""
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
     path = Path(cache_dir) / (hashlib.sha256(json.dumps([args.llm_model, messages]).encode()).hexdigest() + ".json")
     if path.exists():
@@ -127,25 +141,37 @@ def cached_answer(prompt, validate, args, key, cache_dir, what):
             return validate(json.loads(path.read_text()))
         except (ValueError, KeyError, TypeError, RuntimeError, UnicodeDecodeError) as e:  # a damaged entry: ask again
             print(f"{what}: the cached answer {path} is unusable ({e}); asking again")
-    delay, error = args.llm_backoff, None
+    delay, error, wait = args.llm_backoff, None, f"waiting up to {args.llm_timeout:g} s for its answer"
     for attempt in range(1, args.llm_retries + 1):
+        if attempt == 1 and not args.answered:
+            print(f"{what}: asking {args.llm_url} (model {args.llm_model}), {wait}")
         try:
-            answer = parse_json(ask(args.llm_url, args.llm_model, messages, key, args.llm_timeout, args.llm_json_mode))
+            text = ask(args.llm_url, args.llm_model, messages, key, args.llm_timeout, args.llm_json_mode)
+            args.answered = True
+            answer = parse_json(text)
             result = validate(answer)
             files.save_json(path, answer)
             return result
+        except files.InputError:  # the endpoint is no chat API: asking again cannot help
+            raise
         except urllib.error.HTTPError as e:
-            if e.code in (400, 401, 403, 404):
-                raise SystemExit(f"the LLM endpoint refused the request for {what} (HTTP {e.code}): check --llm-url, "
-                                 f"--llm-model and the key in ${args.llm_key_env} (servers without JSON mode answer "
-                                 f"400: add --no-llm-json-mode)") from None
+            args.answered = True
+            if 400 <= e.code < 500 and e.code not in (408, 429):  # refused (429: too many requests, retried)
+                raise files.InputError(
+                    f"the LLM endpoint refused the request for {what} (HTTP {e.code}, {came_back(e.headers, e.read())})"
+                    f": check --llm-url, --llm-model and the key in ${args.llm_key_env}{'' if key else ' (not set)'} "
+                    f"(servers without JSON mode answer 400: add --no-llm-json-mode)") from None
             error = f"HTTP {e.code}"
         except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as e:
             error = f"no answer ({getattr(e, 'reason', e)})"
+            if not args.answered:
+                raise files.InputError(f"{what}: {error} from {args.llm_url}: check --llm-url and that the server runs "
+                                       f"(a slow one: raise --llm-timeout, now {args.llm_timeout:g} s)") from None
         except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as e:
             error = f"malformed answer ({e})"
         if attempt < args.llm_retries:
-            print(f"{what}: try {attempt}/{args.llm_retries} failed: {error}; retrying in {delay:.1f} s")
+            print(f"{what}: try {attempt}/{args.llm_retries} failed: {error}; try {attempt + 1} in {delay:.1f} s, "
+                  f"{wait}")
             time.sleep(delay)
             delay *= 2
     raise SystemExit(f"{what}: no valid answer after {args.llm_retries} tries (last: {error}). The answers so far are "
@@ -153,22 +179,25 @@ def cached_answer(prompt, validate, args, key, cache_dir, what):
 
 
 def output_path(args):
-    """--out, or descriptions/<dataset>.json; an existing file is kept (a new name beside it) unless --force."""
-    out = Path(args.out) if args.out else HERE / f"{args.dataset}.json"
+    """(file to write, cache folder): --out, or descriptions/<dataset>.json; an existing file is kept (a new name
+    beside it) unless --force. The cache follows the name asked for: the same command again asks nothing again."""
+    out = asked = Path(args.out) if args.out else HERE / f"{args.dataset}.json"
+    if asked.is_dir():
+        raise files.InputError(f"--out {asked} is a folder: give the file to write, e.g. {asked / args.dataset}.json")
     if out.exists() and not args.force:
         stem = f"{out.stem}.{re.sub(r'[^A-Za-z0-9.-]+', '-', args.llm_model)}"
         out = next(p for i in range(1, 10_000) for p in [out.with_name(f"{stem}{'' if i == 1 else f'.{i}'}.json")]
                    if not p.exists())
-    return out
+    return out, asked.parent / ".cache" / asked.stem  # beside the file: descriptions/.cache/ is git-ignored
 
 
 def describe(args):
     """Step 1 once per dataset (K shared attributes), step 2 once per class (J sentences per attribute)."""
+    out, cache_dir = output_path(args)
     classnames = data.load_dataset(args.dataset, args.root, args.download).classnames
     domain = args.domain or DOMAINS.get(args.dataset, "images")
     key = os.environ.get(args.llm_key_env)  # never printed, never saved
-    out = output_path(args)
-    cache_dir = out.parent / ".cache" / out.stem  # beside the file: descriptions/.cache/ is git-ignored
+    args.answered = False  # until the endpoint answers once, no answer at all means a wrong --llm-url
     shown = classnames if len(classnames) <= 100 else sorted(random.Random(0).sample(classnames, 100))  # long lists
     prompt = STEP1.format(domain=domain, names=", ".join(shown), k=args.n_attributes)
     attributes = cached_answer(prompt, lambda a: check_attributes(a, args.n_attributes), args, key, cache_dir, "step 1")
@@ -187,6 +216,8 @@ def describe(args):
 
 def main(argv=None):
     args = parser.parse_args(argv)
+    if not re.match(r"https?://[^/\s]+", args.llm_url):  # urllib sends nothing else
+        parser.error(f"--llm-url {args.llm_url!r} is not an http:// or https:// URL (e.g. http://localhost:8000/v1)")
     try:
         return describe(args)
     except files.InputError as e:  # bad input (a dataset name, a missing folder): one line, as the training scripts

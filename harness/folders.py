@@ -8,13 +8,14 @@ else in the folder is an error that says what differs and what to do, never sile
 import argparse
 import ast
 import hashlib
+import os
 import re
-import shutil
 import time
 from pathlib import Path
 
 import experiment
 import files
+from harness.lock import in_use
 
 IN_PATH = {"method", "setting", "dataset", "shots", "seed"}  # runs/<method>/<setting>/<dataset>/shots<k>_seed<s>
 # --root is left out of folder names (every real run sets it); a finished run under another --root is still not reused.
@@ -52,7 +53,7 @@ def variant(parser, configure, args, one, script):
     tuning = [k for k in given if again([k]).method == one.method]
     reference = again(tuning)
     changed = [k for k in sorted(tuning) if getattr(one, k) != getattr(reference, k)]
-    return "_".join(k.replace("_", "-") + _short(getattr(one, k)) for k in changed)
+    return "_".join(k.replace("_", "-") + "=" + _short(getattr(one, k)) for k in changed)
 
 
 def _short(value):
@@ -123,6 +124,16 @@ def differences(recorded, args, neutral):
     return {k: (recorded[k], now[k]) for k in sorted(keys) if recorded[k] != now[k]}
 
 
+def writable(path, flag):
+    """Raise InputError unless `path` is a folder that exists or can be made (no file in its way), and writable."""
+    path = Path(path)
+    above = next(p for p in [path, *path.parents] if p.exists())
+    if not above.is_dir():
+        raise files.InputError(f"{flag} {path}: {above} is a file, not a folder; choose another {flag}")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise files.InputError(f"{flag} {path}: {above} cannot be written by this user; choose another {flag}")
+
+
 def reusable(args, neutral):
     """The results of a finished run with the same arguments and code in args.out, or None if it must run. A
     finished run or a snapshot (--resume) with other arguments or other code in that folder is an error. --resume
@@ -130,6 +141,7 @@ def reusable(args, neutral):
     --resume, redoes nothing that was finished). --eval-only scores a checkpoint with today's code (results.json
     records which)."""
     folder = Path(args.out)
+    in_use(folder)
     recorded = files.read_json(folder / "args.json") if (folder / "args.json").exists() else None
     diffs = _listed(differences(recorded, args, neutral)) if recorded is not None else ""
     code = changed_code(recorded.get("code"), args.code) if recorded is not None else ""
@@ -143,6 +155,10 @@ def reusable(args, neutral):
     if args.force or args.eval_only or not (folder / "results.json").exists():
         return None
     done = files.read_json(folder / "results.json")
+    if "args" in done:  # the arguments the results were made with (args.json may be a later run's that died)
+        recorded = done["args"]
+        diffs = _listed(differences(recorded, args, neutral))
+        code = changed_code(recorded.get("code"), args.code)
     if diffs:
         raise files.InputError(f"{folder} holds a finished run with other arguments ({diffs}); --force redoes it "
                                f"there, or choose --out")
@@ -168,23 +184,17 @@ def show(args):
 
 
 def run_one(run, args, ranks=None):
-    """One run: record the arguments and code, run, save results.json and print its summary line.
-    ranks: (rank, world size) of the torchrun process that does it."""
+    """One run, in a folder this process has claimed (lock.claimed): record the arguments and code, run, save
+    results.json and print its summary line. ranks: (rank, world size) of the torchrun process that does it."""
     start = time.time()
     show(args)
-    folder = Path(args.out).absolute()
-    created = [p for p in [folder, *folder.parents] if not p.exists()]  # the folders this run makes, deepest first
     if not args.eval_only:
-        files.save_json(folder / "args.json", vars(args))
-    try:
-        results = {"method": args.method, "variant": args.variant, "setting": args.setting, "dataset": args.dataset,
-                   "seed": args.seed, "shots": args.shots, "backbone": args.backbone} | run(args)
-    except files.InputError:  # bad input found inside the run (a missing dataset): leave no folder of ours behind
-        if created:
-            shutil.rmtree(created[-1], ignore_errors=True)
-        raise
+        files.save_json(Path(args.out) / "args.json", vars(args))
+    results = {"method": args.method, "variant": args.variant, "setting": args.setting, "dataset": args.dataset,
+               "seed": args.seed, "shots": args.shots, "backbone": args.backbone} | run(args)
     results["wall_time"] = time.time() - start
     results["code"] = args.code
+    results["args"] = vars(args)  # what made these numbers: a run is reused only when they are its arguments
     results |= experiment.split_record(args)  # the split files the run read
     if ranks:  # which process did the run (torchrun)
         results |= dict(zip(("rank", "world_size"), ranks))

@@ -11,7 +11,8 @@ import eval as evaluation
 import experiment
 import files
 from harness import torchrun
-from harness.folders import code_of, resolve, reusable, run_one, variant
+from harness.folders import code_of, resolve, reusable, run_one, variant, writable
+from harness.lock import claimed
 
 
 def plan(parser, configure, script, argv=None):
@@ -35,6 +36,9 @@ def plan(parser, configure, script, argv=None):
     if args.backbone != "auto" and args.backbone not in clip.available_models() and \
             not Path(args.backbone).expanduser().is_file():
         parser.error(f"--backbone {args.backbone!r} is neither a file nor one of {clip.available_models()}")
+    if args.precision == "fp16" and not args.eval_only:
+        parser.error("--precision fp16: training in fp16 needs loss scaling, which nanoprompt does not do (its "
+                     "gradients can underflow); train with bf16 (the default on CUDA) or fp32, or use fp16 with --eval-only")
     code = code_of(script)
     jobs = [resolve(parser, configure, args, d, s, script) for d in datasets for s in args.seed]
     for one in jobs:
@@ -43,7 +47,13 @@ def plan(parser, configure, script, argv=None):
         vars(one).update(experiment.split_record(one))  # the split files it trains and tests on, compared for reuse
         name = f"shots{one.shots}_seed{one.seed}" + (f"_{one.variant}" if one.variant else "")
         one.out = args.out if args.out and len(jobs) == 1 else str(
-            Path(args.out or f"runs/{one.method}") / one.setting / one.dataset / name)
+            Path(args.out or Path.cwd() / "runs" / one.method) / one.setting / one.dataset / name)
+        try:  # a file in the way of a folder the run writes: say so now, not after training
+            writable(one.out, "--out")
+            if getattr(one, "store", "none") != "none":
+                writable(evaluation.store_dir(one), "--store")
+        except files.InputError as e:
+            parser.error(str(e))
     return args, jobs
 
 
@@ -57,6 +67,7 @@ def main(parser, configure, run, argv=None):
     rank does its share, and rank 0 prints the table once every rank has finished."""
     ranks = torchrun.torchrun_ranks()
     script = sys.modules[run.__module__].__file__
+    one = None  # the run in progress, for the message of Ctrl-C
     try:
         args, jobs = plan(parser, configure, script, argv)  # bad input found while planning is one line too
         if ranks:
@@ -64,15 +75,22 @@ def main(parser, configure, run, argv=None):
         else:
             results = []
             for one in jobs:
-                finished = reusable(one, parser.neutral)
-                results.append(finished if finished is not None else run_one(run, one))
+                with claimed(one.out):  # one process per run folder at a time
+                    finished = reusable(one, parser.neutral)
+                    results.append(finished if finished is not None else run_one(run, one))
+    except KeyboardInterrupt:
+        if one is None:
+            sys.exit(130)
+        print(f"\ninterrupted: {one.out} is not finished; the same command with --resume continues it from its last "
+              f"finished epoch (runs already finished are reused)", file=sys.stderr)
+        sys.exit(130)
     except files.InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except clip.LoadError as e:
         print(f"error: --backbone {args.backbone}: {e}", file=sys.stderr)
         sys.exit(2)
-    runs_dir = Path(args.out) if args.out else Path("runs") / jobs[0].method / args.setting
+    runs_dir = Path(args.out) if args.out else Path.cwd() / "runs" / jobs[0].method / args.setting
     if len(jobs) > 1 and (not ranks or ranks[0] == 0):
         results_found = evaluation.read_results(runs_dir)
         if evaluation.collect(results_found, args.setting):

@@ -23,6 +23,7 @@ import eval as evaluation
 import experiment
 import files
 from harness.folders import reusable, run_one
+from harness.lock import claimed
 
 WAIT = timedelta(days=7)  # longest wait for the other ranks (the slowest rank's share of the runs); a rank that
 
@@ -112,7 +113,8 @@ def _spread(run, jobs, neutral, rank, world, local_rank):
     done = {}
     try:
         for i in mine:
-            done[i] = run_one(run, jobs[i], ranks=(rank, world))
+            with claimed(jobs[i].out):  # one process per run folder at a time
+                done[i] = run_one(run, jobs[i], ranks=(rank, world))
     except files.InputError as e:  # bad input: this rank stops, the others finish their runs
         print(f"error: rank {rank}: {e}", file=sys.stderr)
     except BaseException:  # stopped by torchrun (another rank died), interrupted, or a bug

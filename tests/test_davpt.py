@@ -311,7 +311,7 @@ def test_released_presets_reach_model_and_optimizer_and_flags_override_them():
     assert [g["lr"] for g in groups] == [5e-4] * 3 and [g["weight_decay"] for g in groups] == [0.05, 0.0, 5]
     (mine,) = runs.plan(davpt.parser, davpt.configure, davpt.__file__, ["--dataset", "cub", "--root", "/nowhere", "--lr", "0.01",
                                                                "--no-mask"])[1]
-    assert (mine.lr, mine.mask, mine.num_other) == (0.01, False, 10) and mine.variant == "lr0.01_maskFalse"
+    assert (mine.lr, mine.mask, mine.num_other) == (0.01, False, 10) and mine.variant == "lr=0.01_mask=False"
     (dogs,) = runs.plan(davpt.parser, davpt.configure, davpt.__file__, ["--dataset", "dogs", "--root", "/nowhere"])[1]
     assert (dogs.beta, dogs.lam, dogs.batch_size, dogs.samples_per_class) == (0.01, 0.01, 64, 4)  # the config's intent
     (world,) = runs.plan(davpt.parser, davpt.configure, davpt.__file__, [])[1]

@@ -52,9 +52,9 @@ def test_another_learning_rate_gets_its_own_folder_and_table_row(tiny, tmp_path,
     common = argv(tiny, "unused")[:-2]  # default run folders under ./runs
     first = coop.main(common)
     second = coop.main(common + ["--lr", "0.01"])
-    assert second["variant"] == first["variant"] + "_lr0.01" and second["wall_time"] != first["wall_time"]
+    assert second["variant"] == first["variant"] + "_lr=0.01" and second["wall_time"] != first["wall_time"]
     folders = sorted(p.parent.name for p in tmp_path.glob("runs/coop/base2new/folder/*/results.json"))
-    assert len(folders) == 2 and folders[1].endswith("_lr0.01")
+    assert len(folders) == 2 and folders[1].endswith("_lr=0.01")
     table = evaluation.base2new_table(evaluation.read_results(tmp_path / "runs"))
     assert len(re.findall(r"^\| coop \(.*\| folder 2-shot \|", table, re.M)) == 2  # two rows, not one mean
 
@@ -63,7 +63,7 @@ def test_values_equal_to_the_defaults_or_presets_change_nothing():
     name = lambda module, args: runs.plan(module.parser, module.configure, module.__file__, args)[1][0]  # noqa: E731
     plain, same, other = (name(capt, a) for a in (["--decapt"], ["--decapt", "--scale", "0.9", "--lr", "0.0035"],
                                                   ["--decapt", "--scale", "0.5"]))
-    assert plain.out == same.out and plain.variant == "" and other.variant == "scale0.5"
+    assert plain.out == same.out and plain.variant == "" and other.variant == "scale=0.5"
     linear, text = name(davpt, []), name(davpt, ["--head", "text"])  # the head names the method: two folders
     assert (linear.method, text.method) == ("davpt", "davpt-texthead") and linear.variant == text.variant == ""
     assert linear.out != text.out

@@ -229,13 +229,14 @@ def test_generator_json_mode_can_be_switched_off(tiny, tmp_path, llm):
     assert llm.formats and all(f is None for f in llm.formats)
 
 
-def test_generator_gives_up_with_a_clear_error(tiny, tmp_path, llm):
+def test_generator_gives_up_with_a_clear_error(tiny, tmp_path, llm, capsys):
     llm.script = ["500"] * 10
     with pytest.raises(SystemExit, match="no valid answer after 5 tries .* run the same command again to resume"):
         describe.main(describe_argv(tiny, tmp_path / "d.json", llm.url))
     llm.script = ["401"]
-    with pytest.raises(SystemExit, match="HTTP 401.*NANOPROMPT_TEST_KEY"):
+    with pytest.raises(SystemExit) as e:  # a refusal is bad input: one error line, exit 2
         describe.main(describe_argv(tiny, tmp_path / "d.json", llm.url))
+    assert e.value.code == 2 and re.match(r"error: .*HTTP 401.*NANOPROMPT_TEST_KEY", capsys.readouterr().err)
     assert not (tmp_path / "d.json").exists()
 
 

@@ -14,7 +14,8 @@ LAYERS = [
     {"world"},
     {"data"},
     {"eval"},
-    {"experiment", "harness", "harness.folders", "harness.runs", "harness.speed", "harness.torchrun"},
+    {"experiment", "harness", "harness.folders", "harness.lock", "harness.runs", "harness.speed",
+     "harness.torchrun"},
     {"coop", "capt", "sempt", "davpt", "bench", "descriptions.describe"},
 ]
 LAYER = {name: i for i, layer in enumerate(LAYERS) for name in layer}
