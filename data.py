@@ -334,8 +334,9 @@ def _classnames(items):
 def _folder_dataset(root):
     """Bring your own data: root/<class name>/*.jpg, optionally under root/train/ and root/test/."""
     if not root.is_dir():
-        raise InputError(f"{root} " + ("is a file, not a folder" if root.exists() else "not found") + "; --dataset folder expects --root DIR with DIR/<class name>/*.jpg "
-                                f"(optionally DIR/train/<class>/ and DIR/test/<class>/)")
+        raise InputError(f"{root} " + ("is a file, not a folder" if root.exists() else "not found")
+                         + "; --dataset folder expects --root DIR with DIR/<class name>/*.jpg "
+                         + f"(optionally DIR/train/<class>/ and DIR/test/<class>/)")
     if (root / "train").is_dir() and (root / "test").is_dir():
         train, test = _read_folders(root / "train"), _read_folders(root / "test")
     else:  # no split given: a deterministic 80/20 split of each class (by a hash of the file name)

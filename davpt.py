@@ -463,6 +463,9 @@ def configure(args):
 
 def run(args):
     """One run (one dataset, one seed): train the prompts (and head), then score every test set the head can score."""
+    if args.head == "linear" and getattr(args, "trained", None):  # --eval-only on other test sets
+        raise data.InputError("the linear head scores only the classes it was trained on; score other test sets "
+                              "with a --head text run")
     split = data.prepare_for(args)
     if args.head == "text":
         experiment.check_prompts(split)  # every class's prompt fits CLIP's 77 tokens, checked before training

@@ -54,7 +54,8 @@ DOMAINS = {"world": "small rendered images of coloured shapes on a dark noisy ba
            "eurosat": "satellite images of land use and land cover", "ucf101": "people doing actions"}
 HERE = Path(__file__).resolve().parent
 
-parser = argparse.ArgumentParser(description="Write descriptions/<dataset>.json for SemPT with an LLM")
+parser = argparse.ArgumentParser(description="Write descriptions/<dataset>.json for SemPT with an LLM",
+                                 formatter_class=experiment.HelpWithDefaults)
 parser.add_argument("--dataset", required=True, help="dataset name (see data.DATASETS) or 'folder'")
 parser.add_argument("--root", default=str(data.ROOT), type=files.path, help="folder holding the datasets (for the class names)")
 parser.add_argument("--download", action="store_true", help="fetch the dataset with torchvision if it is missing")

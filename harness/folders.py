@@ -134,6 +134,34 @@ def writable(path, flag):
         raise files.InputError(f"{flag} {path}: {above} cannot be written by this user; choose another {flag}")
 
 
+WHERE = {"dataset", "root", "setting", "targets", "val", "split_sha256", "target_split_sha256"}  # where it is scored
+
+
+def scored_elsewhere(one, neutral):
+    """--eval-only of a trained run (--out RUN) on other test sets: another --dataset (a --dataset folder too),
+    --setting, --targets or --root. The run's own arguments (its args.json) with only where it is scored changed,
+    and its results go to a file of their own beside the run's (results_<setting>_<dataset>[_<root hash>].json),
+    which the tables leave out. None when `one` is a plain --eval-only (or no --eval-only)."""
+    folder = Path(one.out)
+    if not one.eval_only or not (folder / "args.json").exists():
+        return None
+    recorded = files.read_json(folder / "args.json")
+    where = {k: getattr(one, k) for k in WHERE if hasattr(one, k)}
+    if all(recorded.get(k) == v for k, v in where.items()):
+        return None
+    taken = _listed(differences(recorded, one, neutral | WHERE))
+    if taken:
+        print(f"note: {folder} is scored with its own arguments, not the command line's ({taken})")
+    merged = argparse.Namespace(**recorded | {k: getattr(one, k) for k in neutral if hasattr(one, k)} | where)
+    merged.code = one.code
+    merged.trained = {k: recorded[k] for k in ("dataset", "setting", "shots", "root")}  # where it was trained
+    merged.shots = 1  # nothing is trained: one image per class keeps the new split's class list, cheaply
+    tag = f"{merged.setting}_{merged.dataset}" + (
+        f"_{hashlib.sha256(merged.root.encode()).hexdigest()[:8]}" if merged.root != recorded["root"] else "")
+    merged.results_file = f"results_{tag}.json"
+    return merged
+
+
 def reusable(args, neutral):
     """The results of a finished run with the same arguments and code in args.out, or None if it must run. A
     finished run or a snapshot (--resume) with other arguments or other code in that folder is an error. --resume
@@ -142,6 +170,8 @@ def reusable(args, neutral):
     records which)."""
     folder = Path(args.out)
     in_use(folder)
+    if getattr(args, "trained", None):  # scored elsewhere (see scored_elsewhere): scored again every time
+        return None
     recorded = files.read_json(folder / "args.json") if (folder / "args.json").exists() else None
     diffs = _listed(differences(recorded, args, neutral)) if recorded is not None else ""
     code = changed_code(recorded.get("code"), args.code) if recorded is not None else ""
@@ -190,16 +220,19 @@ def run_one(run, args, ranks=None):
     show(args)
     if not args.eval_only:
         files.save_json(Path(args.out) / "args.json", vars(args))
+    trained = getattr(args, "trained", None)  # scored elsewhere: where the checkpoint was trained
     results = {"method": args.method, "variant": args.variant, "setting": args.setting, "dataset": args.dataset,
-               "seed": args.seed, "shots": args.shots, "backbone": args.backbone} | run(args)
+               "seed": args.seed, "shots": trained["shots"] if trained else args.shots, "backbone": args.backbone} \
+        | ({"trained": trained} if trained else {}) | run(args)
     results["wall_time"] = time.time() - start
     results["code"] = args.code
     results["args"] = vars(args)  # what made these numbers: a run is reused only when they are its arguments
     results |= experiment.split_record(args)  # the split files the run read
     if ranks:  # which process did the run (torchrun)
         results |= dict(zip(("rank", "world_size"), ranks))
-    files.save_json(Path(args.out) / "results.json", results)
+    files.save_json(Path(args.out) / getattr(args, "results_file", "results.json"), results)
     summary = {"base": results.get("base_acc"), "new": results.get("new_acc"), "H": results.get("H")} \
         if args.setting == "base2new" else {args.dataset: results["acc"]} | results["targets"]
-    print("  ".join(f"{k} {v:.2f}" for k, v in summary.items() if v is not None) + f"  ({args.out})")
+    where = Path(args.out) / args.results_file if getattr(args, "trained", None) else args.out
+    print("  ".join(f"{k} {v:.2f}" for k, v in summary.items() if v is not None) + f"  ({where})")
     return results

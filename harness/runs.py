@@ -11,7 +11,7 @@ import eval as evaluation
 import experiment
 import files
 from harness import torchrun
-from harness.folders import code_of, resolve, reusable, run_one, variant, writable
+from harness.folders import code_of, resolve, reusable, run_one, scored_elsewhere, variant, writable
 from harness.lock import claimed
 
 
@@ -54,7 +54,7 @@ def plan(parser, configure, script, argv=None):
                 writable(evaluation.store_dir(one), "--store")
         except files.InputError as e:
             parser.error(str(e))
-    return args, jobs
+    return args, [scored_elsewhere(one, parser.neutral) or one for one in jobs]  # --eval-only on other test sets
 
 
 def main(parser, configure, run, argv=None):

@@ -206,6 +206,7 @@ def sharded_image_features(model, items, transform, *, rank, world, device, auto
     lo, hi = (min(len(items), evaluation.EVAL_BATCH * (batches * r // world)) for r in (rank, rank + 1))
     shard = None
     if hi > lo:
+        print(f"rank {rank}: test features, shard {rank + 1}/{world} ({hi - lo} images)", flush=True)  # in any log
         loader = data.loader(items[lo:hi], transform, evaluation.EVAL_BATCH, train=False, num_workers=num_workers)
         shard = evaluation.image_features(model, loader, device, autocast,
                                           desc=f"test features, shard {rank + 1}/{world}")

@@ -250,3 +250,37 @@ def test_experiment_check_prompts_counts_like_clip():
     Split.classnames = [" ".join(["a"] * 75)]
     with pytest.raises(files.InputError, match="is 78 tokens long"):
         experiment.check_prompts(Split())
+
+
+# A trained run scored on other test sets (issue 24) ---------------------------------------------------------------
+
+def test_eval_only_scores_a_trained_run_on_another_dataset_into_a_file_of_its_own(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    trained = coop.main(argv(tiny, run, "--lr", "0.01"))
+    other = _folder(tmp_path / "other", ["orange moon", "white cross", "cyan ring"], per_class=4)
+    before = (run / "results.json").read_text()
+    scored = coop.main(["--eval-only", "--out", str(run), "--dataset", "folder", "--root", str(other),
+                        "--setting", "fewshot", "--device", "cpu", "--workers", "0"])
+    printed = capsys.readouterr().out
+    assert "scored with its own arguments" in printed and "lr 0.01 there, 0.0035 now" in printed
+    written = sorted(p.name for p in run.glob("results_*.json"))
+    assert len(written) == 1 and written[0].startswith("results_fewshot_folder_")
+    saved = json.loads((run / written[0]).read_text())
+    assert saved["acc"] == scored["acc"] and saved["trained"]["root"] == str(tiny / "ds") and saved["shots"] == 2
+    assert saved["args"]["lr"] == 0.01 and (run / "results.json").read_text() == before  # the run's own results stay
+    test = evaluation.read_results(tmp_path)  # the tables read the run's results.json only
+    assert [r["acc"] if "acc" in r else r["H"] for r in test] == [trained["H"]]
+    again = coop.main(["--eval-only", "--out", str(run), "--device", "cpu", "--workers", "0", "--lr", "0.01",
+                       *argv(tiny, run)[:-4]])  # the plain --eval-only still scores where it was trained
+    assert again["H"] == trained["H"]
+
+
+def test_davpts_linear_head_is_not_scored_on_other_classes(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    davpt.main(["--dataset", "folder", "--root", str(tiny / "ds"), "--backbone", str(tiny / "clip.pt"), "--shots", "2",
+                "--epochs", "1", "--device", "cpu", "--workers", "0", "--setting", "fewshot", "--num-guided", "2",
+                "--out", str(run)])
+    other = _folder(tmp_path / "other", ["orange moon", "white cross"], per_class=3)
+    err = error_of(davpt.main, ["--eval-only", "--out", str(run), "--dataset", "folder", "--root", str(other),
+                                "--setting", "fewshot", "--device", "cpu"], capsys)
+    assert "only the classes it was trained on" in err and (run / "results.json").exists()
