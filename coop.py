@@ -33,6 +33,7 @@ import clip
 import data
 import eval as evaluation
 import experiment
+import files
 import harness
 
 parser = experiment.parser("CoOp: learned prompt context for CLIP", epochs=10, batch_size=4, lr=0.0035,
@@ -44,6 +45,10 @@ parser.add_argument("--n-ctx", type=experiment.positive_int, default=4, help="co
 parser.add_argument("--warmup-lr", type=experiment.non_negative, default=1e-5, help="constant learning rate of the warm-up epoch")
 parser.add_argument("--momentum", type=experiment.fraction, default=0.9, help="SGD momentum (Dassl default)")
 parser.add_argument("--weight-decay", type=experiment.non_negative, default=5e-4, help="SGD weight decay (Dassl default)")
+parser.add_argument("--ensemble", action="store_true", help="with --epochs 0: CLIP's prompt ensemble (CoOp's ZeroshotCLIP2)")
+# CoOp's IMAGENET_TEMPLATES_SELECT (7 of the CLIP paper's ImageNet templates); ZeroshotCLIP2 adds the dataset's own
+ENSEMBLE = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+            "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
 
 
 class PromptLearner(nn.Module):
@@ -131,9 +136,11 @@ def train(module, model, split, args, *, device, autocast):
 def evaluate(model, prompt_learner, test, args, *, device, autocast):
     """Accuracy of the learned prompts on one test set: text features once, image features once (or from the store).
     Zero-shot CLIP (nothing trained) uses each dataset's own hand-crafted template instead, as the papers' tables."""
-    if args.method == "zero-shot":
+    if args.method.startswith("zero-shot"):  # ensemble: the mean of each template's unit features, renormalised
+        templates = ENSEMBLE + [test.template] * (test.dataset != "imagenet") if args.ensemble else [test.template]
         with autocast():
-            weights = evaluation.zeroshot_weights(model, test.classnames, test.template, device)  # (C, E)
+            weights = F.normalize(torch.stack([evaluation.zeroshot_weights(model, test.classnames, t, device)
+                                               for t in templates]).mean(0), dim=-1)  # (C, E)
     else:
         prompt_learner.set_classnames(model, test.classnames)
         weights = text_features(model, prompt_learner, autocast)  # (C, E)
@@ -145,12 +152,14 @@ def evaluate(model, prompt_learner, test, args, *, device, autocast):
 def configure(args):
     """The run's name: this file's (coop; a copy is a method of its own), or zero-shot CLIP when nothing is trained
     (scored with each dataset's own template)."""
-    if args.epochs == 0:
-        args.method = "zero-shot"
+    if args.epochs == 0:  # the ensemble is a row of its own (CoOp's ZeroshotCLIP2 beside ZeroshotCLIP)
+        args.method = "zero-shot-ensemble" if args.ensemble else "zero-shot"
 
 
 def run(args):
     """One run (one dataset, one seed): load CLIP frozen, train the context, then score every test set."""
+    if args.ensemble and args.method != "zero-shot-ensemble":
+        raise files.InputError("--ensemble is zero-shot CLIP's prompt ensemble: use it with --epochs 0")
     split = data.prepare_for(args)
     experiment.check_prompts(split, args.ctx_init or " ".join(["X"] * args.n_ctx))  # CLIP reads 77 tokens: checked now
     device, autocast = experiment.start(args, split)  # seeded; autocast: bf16 for the frozen CLIP on CUDA, fp32 on CPU

@@ -116,6 +116,8 @@ COLUMNS = ("lr", "guided_layers", "num_guided", "num_other", "beta", "lam", "sig
            "dynamic_kmeans", "weight_decay", "wd_head", "eval_after", "batch_size", "samples_per_class")
 RELEASED = {  # dataset: its values in COLUMNS order,  # the config file
     "no-config":              (1e-3, "-1", 10, 20, 0.01, 0.01, 5, False, "none", 0, 1, 0.05, 3, 60, 32, 2),  # see above
+    "world":                  (1e-3, "-1", 2, 2, 0.01, 0.01, 5, False, "none", 0, 1, 0.05, 3, 60, 32, 2),  # no-config, prompts scaled
+    # to the world ViT's 16 patches (ViT-B/16: 10 + 20 prompts on 196 patches; 2 + 2 keeps 2 guided prompts for k-means)
     "cub":                    (5e-4, "10,11", 10, 10, 0.05, 0.05, 5, True, "l2", 0.1, 1, 0.05, 5, 80, 32, 2),  # vitb_cub200
     "nabirds":                (1e-3, "9,10,11", 10, 5, 0.01, 0.2, 60, False, "none", 0, 10, 0.05, 3, 80, 32, 2),  # vitb_bird
     "cars":                   (1e-3, "11", 60, 80, 0.05, 0.05, 60, False, "none", 0, 10, 0.05, 3, 80, 32, 2),  # vitb_cars
@@ -458,6 +460,8 @@ def configure(args):
     experiment.fill(args, PRESETS.get(args.dataset, PRESETS["no-config"]))
     if not all(g.strip().lstrip("-").isdigit() for g in args.guided_layers.split(",")):
         raise ValueError(f"--guided-layers takes block indices like 10,11 (got {args.guided_layers!r})")
+    if args.beta == 0 and args.lam == 0:  # both losses off: the same prompts unguided, DA-VPT's baseline (a row of its own)
+        args.method = "vpt-deep"
     args.method += {"none": "", "kv": "+", "all": "+all"}[args.tune_bias] + ("-texthead" if args.head == "text" else "")
 
 

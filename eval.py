@@ -10,6 +10,7 @@ scores the same test set with the same backbone encodes it once.
 import argparse
 import hashlib
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -26,8 +27,12 @@ import files
 # Scores.
 
 def harmonic_mean(base, new):
-    """H = 2BN / (B + N), the papers' base-to-new summary (0 when both are 0)."""
-    return 2 * base * new / (base + new) if base + new > 0 else 0.0
+    """H = 2BN / (B + N), the papers' base-to-new summary (0 when both are 0, NaN when either is)."""
+    return 2 * base * new / (base + new) if base + new != 0 else 0.0
+
+def two(x):
+    """A table cell: x to two decimals, n/a where a run gave no number (NaN)."""
+    return f"{x:.2f}" if math.isfinite(x) else "n/a"
 
 def accuracy(logits, labels):
     """Top-1 accuracy in percent."""
@@ -177,6 +182,10 @@ def read_results(runs_dir):
     for path in sorted(Path(runs_dir).rglob("results.json")):
         try:
             results.append(json.loads(path.read_text()))
+            r = results[-1]
+            if any(not math.isfinite(v) for v in [*(r.get(k) for k in ("acc", "base_acc", "new_acc")),
+                                                  *r.get("targets", {}).values()] if isinstance(v, float)):
+                print(f"warning: {path.parent}: an accuracy is NaN (a diverged run?); its cells show n/a", file=sys.stderr)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             print(f"warning: skipping {path}: not valid JSON ({e})", file=sys.stderr)
     return results
@@ -214,10 +223,10 @@ def base2new_table(results):
             b, n, h = average(table[m][d])  # over seeds: the same rule as over datasets
             rows.append({"base_acc": b, "new_acc": n})
             seeds = len(table[m][d])
-            lines.append(f"| {m} | {d} | {b:.2f} | {n:.2f} | {h:.2f} | {seeds} seed{'s' * (seeds > 1)} |")
+            lines.append(f"| {m} | {d} | {two(b)} | {two(n)} | {two(h)} | {seeds} seed{'s' * (seeds > 1)} |")
         if len(rows) > 1:
             b, n, h = average(rows)
-            lines.append(f"| {m} | **Average** | {b:.2f} | {n:.2f} | {h:.2f} | {len(rows)} datasets |")
+            lines.append(f"| {m} | **Average** | {two(b)} | {two(n)} | {two(h)} | {len(rows)} datasets |")
     return "\n".join(lines)
 
 def mean(values):
@@ -232,7 +241,7 @@ def fewshot_table(results):
     rows = sorted({d for m in methods for d in table[m]}, key=lambda k: (k.split()[0], shots(k)))
     lines = ["| Dataset | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for row in rows:
-        cells = [f"{mean([r['acc'] for r in table[m][row]]):.2f} ({len(table[m][row])})" if table[m].get(row) else "–"
+        cells = [f"{two(mean([r['acc'] for r in table[m][row]]))} ({len(table[m][row])})" if table[m].get(row) else "–"
                  for m in methods]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines + ["", "Each cell: the mean accuracy over seeds (the number of seeds in brackets)."])

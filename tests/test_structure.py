@@ -16,7 +16,7 @@ LAYERS = [
     {"eval"},
     {"experiment", "harness", "harness.folders", "harness.lock", "harness.runs", "harness.speed",
      "harness.torchrun"},
-    {"coop", "capt", "sempt", "davpt", "bench", "descriptions.describe"},
+    {"coop", "capt", "sempt", "davpt", "lpclip", "bench", "descriptions.describe"},
 ]
 LAYER = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
