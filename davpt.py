@@ -458,6 +458,8 @@ def configure(args):
     """The dataset's released config (else the "no-config" row) for every flag left unset; the run's name: this file's
     (davpt; a copy's own), + for DA-VPT+ (--tune-bias), and -texthead for CLIP's text head instead of the linear probe."""
     experiment.fill(args, PRESETS.get(args.dataset, PRESETS["no-config"]))
+    if args.backbone.startswith("RN") and args.backbone in clip.available_models():
+        raise ValueError(f"--backbone {args.backbone}: DA-VPT's prompts are ViT tokens; use a ViT (the paper's ViT-B/16)")
     if not all(g.strip().lstrip("-").isdigit() for g in args.guided_layers.split(",")):
         raise ValueError(f"--guided-layers takes block indices like 10,11 (got {args.guided_layers!r})")
     if args.beta == 0 and args.lam == 0:  # both losses off: the same prompts unguided, DA-VPT's baseline (a row of its own)
@@ -475,6 +477,8 @@ def run(args):
         experiment.check_prompts(split)  # every class's prompt fits CLIP's 77 tokens, checked before training
     device, autocast = experiment.start(args, split)  # seeded; autocast: bf16 for the frozen CLIP on CUDA, fp32 on CPU
     clip_model, _ = clip.load(args.backbone, device=device)
+    if not isinstance(clip_model.visual, clip.model.VisionTransformer):  # a ResNet checkpoint file
+        raise data.InputError(f"--backbone {args.backbone} is a ResNet CLIP; DA-VPT's prompts are ViT tokens: use a ViT")
     clip_model.requires_grad_(False)  # frozen, but for the prompts (and with --tune-bias, its biases)
     if args.compile:
         clip_model = harness.compile_encoders(clip_model)

@@ -226,7 +226,7 @@ def main(argv=None):
     path = pretrain_clip(args.root) if args.pretrain else shipped_clip()
     folder = prepare_dataset(args.root)
     print(f"prepared in {time.time() - start:.0f} s: {path}, {folder}")
-    model, _ = clip.load(str(path))
+    model, _ = clip.load(str(path), device="cpu")
     print(f"tiny CLIP: {sum(p.numel() for p in model.parameters()):,} parameters")
     split = json.loads((folder / "split_world.json").read_text())
     images = torch.from_numpy(np.stack([np.array(Image.open(folder / "images" / p)) for p, _, _ in split["test"]]))

@@ -1,8 +1,8 @@
-"""`clip.load`: OpenAI's published ViT checkpoints, or a local file, -> (model, preprocess).
+"""`clip.load`: OpenAI's published checkpoints (ViTs and ResNets), or a local file, -> (model, preprocess).
 
 Accepted files: OpenAI's TorchScript archives (what the URLs below serve) and plain state dicts saved with
 `torch.save` (read with `weights_only=True`), OpenAI's key layout, including open_clip's state dicts of
-OpenAI-architecture ViTs. Downloads go to a temporary file that is renamed only after its sha256 matches.
+OpenAI-architecture models. Downloads go to a temporary file that is renamed only after its sha256 matches.
 """
 import hashlib
 import os
@@ -20,6 +20,11 @@ from .model import build_model
 
 _URL = "https://openaipublic.azureedge.net/clip/models/{}/{}"
 _MODELS = {  # name -> (sha256, file name); the hash is part of OpenAI's URL
+    "RN50": ("afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762", "RN50.pt"),
+    "RN101": ("8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599", "RN101.pt"),
+    "RN50x4": ("7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd", "RN50x4.pt"),
+    "RN50x16": ("52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa", "RN50x16.pt"),
+    "RN50x64": ("be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c", "RN50x64.pt"),
     "ViT-B/32": ("40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af", "ViT-B-32.pt"),
     "ViT-B/16": ("5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", "ViT-B-16.pt"),
     "ViT-L/14": ("b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", "ViT-L-14.pt"),
@@ -104,8 +109,13 @@ def transform(resolution):
                       lambda image: image.convert("RGB"), T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
-def load(name_or_path, device="cpu", download_root=None):
-    """(model, preprocess) for an OpenAI model name (see available_models()) or a checkpoint path."""
+def load(name_or_path, device=None, jit=False, download_root=None):
+    """(model, preprocess) for an OpenAI model name (see available_models()) or a checkpoint path, on `device`
+    (default: CUDA when there is one, as OpenAI's). jit=False is OpenAI's eager model, the only kind built here
+    (a TorchScript archive's weights are read into it); jit=True, OpenAI's TorchScript model, is refused."""
+    if jit:
+        raise LoadError("jit=True (OpenAI's TorchScript model) is not supported: pass jit=False, the eager model")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if name_or_path in _MODELS:
         path = _download(name_or_path, download_root or os.path.join("~", ".cache", "clip"))
     elif os.path.isfile(os.path.expanduser(str(name_or_path))):
@@ -114,6 +124,6 @@ def load(name_or_path, device="cpu", download_root=None):
         raise LoadError(f"{name_or_path!r} is neither a known model ({', '.join(_MODELS)}) nor a file")
     try:
         model = build_model(_read_state_dict(path)).to(device)
-    except (KeyError, ValueError) as e:  # not a CLIP ViT's state dict: say which file
+    except (KeyError, ValueError) as e:  # not a CLIP's state dict: say which file
         raise LoadError(f"{path}: {e.args[0] if e.args else e}") from e
     return model, transform(model.visual.input_resolution)

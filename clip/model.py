@@ -14,8 +14,8 @@ Differences from openai/CLIP's `clip/model.py`, none of which changes a number:
   attention can return its per-head query/key/value and its output before `out_proj`.
 - `encode_text` runs only up to the longest prompt in the batch. Because of the causal mask the feature at the
   end-of-text token never sees later positions, so this is exact and saves most of the text encoder's work.
-- No ResNet image encoder, and no fp16 conversion of the weights: the caller picks the precision (autocast on CUDA). LayerNorm always
-  computes in fp32.
+- No fp16 conversion of the weights: the caller picks the precision (autocast on CUDA). LayerNorm always computes
+  in fp32. The ResNet image encoders (RN50, RN101, ...) are in resnet.py; the text side is the same for both.
 
 Dimension legend: B batch, N image tokens (1 + patches), T text tokens (<= 77), D width, H heads,
 hd = D / H head width, E joint embedding width, C number of texts (class prompts).
@@ -25,6 +25,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .resnet import ModifiedResNet
 
 
 class LayerNorm(nn.LayerNorm):
@@ -152,8 +154,11 @@ class CLIP(nn.Module):
         super().__init__()
         self.context_length = context_length
         self.vocab_size = vocab_size
-        self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
-                                        vision_width // 64 or 1, embed_dim)
+        if isinstance(vision_layers, (tuple, list)):  # a ResNet: blocks per stage; OpenAI's heads = 32 width / 64
+            self.visual = ModifiedResNet(vision_layers, embed_dim, vision_width * 32 // 64, image_resolution, vision_width)
+        else:
+            self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
+                                            vision_width // 64 or 1, embed_dim)
         self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads)
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
@@ -174,6 +179,11 @@ class CLIP(nn.Module):
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    @property
+    def dtype(self):
+        """The weights' dtype (OpenAI's attribute: the first conv's weight)."""
+        return self.visual.conv1.weight.dtype
 
     def encode_image(self, images):
         return self.visual(images)  # (B, E)
@@ -213,35 +223,44 @@ def set_sdpa(model, enabled):
 
 
 def build_model(state_dict):
-    """Build a CLIP whose sizes are read off an OpenAI-layout state dict, load the weights (strict), fp32, eval mode."""
+    """Build a CLIP whose sizes are read off an OpenAI-layout state dict, load the weights (strict), fp32, eval mode.
+
+    The layout does not record head counts: as OpenAI's build_model, the text encoder gets width / 64 heads and the
+    ViT width / 64 (a ResNet's attention pool 32 width / 64). A checkpoint trained with other head counts loads
+    without error and computes other features: pass such a model's state dict to CLIP(...) yourself."""
     sd = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
     sd = {k: v for k, v in sd.items() if not k.endswith("attn_mask")}  # buffers of the TorchScript archives
-    if any(k.startswith("visual.layer1") for k in sd):
-        raise ValueError("this is a ResNet CLIP checkpoint; ResNet CLIP checkpoints are not supported (ViT only)")
-    required = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj", "token_embedding.weight",
-                "positional_embedding", "ln_final.weight", "text_projection"]
+    resnet = any(k.startswith("visual.layer1") for k in sd)
+    required = ["visual.attnpool.positional_embedding"] if resnet else ["visual.conv1.weight", "visual.proj"]
+    required += ["token_embedding.weight", "positional_embedding", "ln_final.weight", "text_projection"]
     missing = [k for k in required if k not in sd]
     if missing:
-        raise KeyError(f"not a CLIP ViT state dict: missing keys {missing}")
-    vision_width = sd["visual.conv1.weight"].shape[0]
-    vision_patch_size = sd["visual.conv1.weight"].shape[-1]
-    vision_layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
-    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        raise KeyError(f"not a CLIP state dict: missing keys {missing}")
+    if resnet:  # blocks per stage, the stem's width, the grid of the attention pool (R / 32)
+        vision_layers = tuple(len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{i}.")}) for i in range(1, 5))
+        vision_width, vision_patch_size = sd["visual.layer1.0.conv1.weight"].shape[0], None
+        grid, scale = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5), 32
+    else:
+        vision_width = sd["visual.conv1.weight"].shape[0]
+        vision_patch_size = scale = sd["visual.conv1.weight"].shape[-1]
+        vision_layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     transformer_width = sd["ln_final.weight"].shape[0]
     model = CLIP(
         embed_dim=sd["text_projection"].shape[1],
-        image_resolution=vision_patch_size * grid,
+        image_resolution=scale * grid,
         vision_layers=vision_layers,
         vision_width=vision_width,
         vision_patch_size=vision_patch_size,
         context_length=sd["positional_embedding"].shape[0],
         vocab_size=sd["token_embedding.weight"].shape[0],
         transformer_width=transformer_width,
-        transformer_heads=transformer_width // 64 or 1,
+        transformer_heads=transformer_width // 64 or 1,  # OpenAI's rule: heads are not in the checkpoint
         transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}),
     )
-    result = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+    result = model.load_state_dict({k: v if k.endswith("num_batches_tracked") else v.float() for k, v in sd.items()},
+                                   strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise KeyError(f"state dict does not match the CLIP ViT read off it: missing keys {result.missing_keys}, "
+        raise KeyError(f"state dict does not match the CLIP read off it: missing keys {result.missing_keys}, "
                        f"unexpected keys {result.unexpected_keys}")
     return model.eval()

@@ -163,7 +163,7 @@ def prepare_inputs(jobs):
             pass
     for backbone in sorted(backbones & set(clip.available_models())):
         try:
-            clip.load(backbone)
+            clip.load(backbone, device="cpu")  # fetched and checked once, before the runs
         except clip.LoadError:
             pass
 
