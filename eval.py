@@ -1,13 +1,18 @@
 """Evaluation: accuracy and H, the zero-shot text weights, frozen image features and the feature store, each run's
 results, and the papers' tables.
 
-    python eval.py runs/            # every results.json below runs/ as the papers' tables
+    python eval.py runs/                  # every results.json below runs/ as the papers' tables (mean ± std)
+    python eval.py runs/ --paper          # ours beside the published numbers (papers.py), what differs
+    python eval.py runs/ --format csv     # the same numbers as spreadsheet rows
+    python eval.py runs/ --plot plots/    # PNGs: few-shot curves and base/new/H bars (needs matplotlib)
+    python eval.py words RUN              # the nearest vocabulary words of a run's learned context
 
 Text features are computed once per class list and image features once per test set (never per batch); frozen
 features can be kept on disk in a feature store keyed by everything they depend on, so every method and seed that
 scores the same test set with the same backbone encodes it once.
 """
 import argparse
+import csv
 import hashlib
 import json
 import math
@@ -21,6 +26,7 @@ import torch.nn.functional as F
 import clip
 import data
 import files
+import papers
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,17 +219,20 @@ def collect(results, setting="base2new"):
     return table
 
 def base2new_table(results):
-    """Markdown: per method, one row per dataset (mean over its seeds) and the papers' Average over datasets (mean
-    base, mean new, H of the means) when there are several. results: read_results(runs_dir)."""
+    """Markdown: per method, one row per dataset (mean ± standard deviation over its seeds; H: H of the means, ± the
+    spread of the seeds' H) and the papers' Average over datasets (mean base, mean new, H of the means) when there
+    are several. results: read_results(runs_dir)."""
     table = collect(results)
     lines = ["| Method | Dataset | Base | New | H | Runs |", "|---|---|---|---|---|---|"]
     for m in sorted(table):
         rows = []
         for d in sorted(table[m]):
-            b, n, h = average(table[m][d])  # over seeds: the same rule as over datasets
+            runs = table[m][d]
+            b, n, h = average(runs)  # over seeds: the same rule as over datasets
             rows.append({"base_acc": b, "new_acc": n})
-            seeds = len(table[m][d])
-            lines.append(f"| {m} | {d} | {two(b)} | {two(n)} | {two(h)} | {seeds} seed{'s' * (seeds > 1)} |")
+            hs = [harmonic_mean(r["base_acc"], r["new_acc"]) for r in runs]  # each seed's H, for its spread
+            lines.append(f"| {m} | {d} | {cell([r['base_acc'] for r in runs])} | {cell([r['new_acc'] for r in runs])} "
+                         f"| {cell(hs, h)} | {len(runs)} seed{'s' * (len(runs) > 1)} |")
         if len(rows) > 1:
             b, n, h = average(rows)
             lines.append(f"| {m} | **Average** | {two(b)} | {two(n)} | {two(h)} | {len(rows)} datasets |")
@@ -233,6 +242,18 @@ def mean(values):
     """The arithmetic mean of a non-empty list."""
     return sum(values) / len(values)
 
+def std(values):
+    """The seeds' sample standard deviation (n - 1), None for a single seed (NaN where a seed is NaN)."""
+    if len(values) < 2:
+        return None
+    m = mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+def cell(values, centre=None):
+    """A table cell over seeds: 'mean ± std' ('mean' for one seed); centre replaces the mean (H of the means)."""
+    m, s = mean(values) if centre is None else centre, std(values)
+    return two(m) + (f" ± {two(s)}" if s is not None and math.isfinite(m) else "")
+
 def fewshot_table(results):
     """Markdown: one row per dataset and shot count, accuracy on all classes per method (seed count in brackets)."""
     table = collect(results, "fewshot")
@@ -241,10 +262,10 @@ def fewshot_table(results):
     rows = sorted({d for m in methods for d in table[m]}, key=lambda k: (k.split()[0], shots(k)))
     lines = ["| Dataset | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for row in rows:
-        cells = [f"{two(mean([r['acc'] for r in table[m][row]]))} ({len(table[m][row])})" if table[m].get(row) else "–"
+        cells = [f"{cell([r['acc'] for r in table[m][row]])} ({len(table[m][row])})" if table[m].get(row) else "–"
                  for m in methods]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + ["", "Each cell: the mean accuracy over seeds (the number of seeds in brackets)."])
+    return "\n".join(lines + ["", "Each cell: the mean accuracy ± its standard deviation over seeds (the number of seeds in brackets)."])
 
 def crossdataset_table(results):
     """Markdown, as the papers: one row per method (and source), one column per target, plus the average.
@@ -263,31 +284,165 @@ def crossdataset_table(results):
                   "|---|---|" + "---|" * (len(targets) + 1)]
         for m in sorted(table):
             for source, runs in sorted(table[m].items()):
-                accs = [mean([r["targets"][t] for r in runs if t in r["targets"]]) if any(t in r["targets"] for r in runs)
-                        else None for t in targets]
-                known = [a for a in accs if a is not None]
-                cells = [f"{a:.2f}" if a is not None else "–" for a in accs]
-                src = f"{source} {mean([r['acc'] for r in runs]):.2f} ({len(runs)})"
-                average = f"{mean(known):.2f}" if known else "–"  # a row may have none of this group's targets
+                seen = [[r["targets"][t] for r in runs if t in r["targets"]] for t in targets]
+                known = [mean(v) for v in seen if v]
+                cells = [cell(v) if v else "–" for v in seen]
+                src = f"{source} {cell([r['acc'] for r in runs])} ({len(runs)})"
+                average = two(mean(known)) if known else "–"  # a row may have none of this group's targets
                 lines.append(f"| {m} | {src} | " + " | ".join(cells) + f" | {average} |")
         lines.append("")
-    return "\n".join(lines + ["Source: its accuracy, the mean over seeds (the number of seeds in brackets); targets: "
-                               "the same seeds' mean."])
+    return "\n".join(lines + ["Source: its accuracy, the mean ± std over seeds (the number of seeds in brackets); "
+                               "targets: the same seeds' mean ± std."])
 
 TABLES = {"base2new": base2new_table, "fewshot": fewshot_table, "crossdataset": crossdataset_table}
+
+def csv_rows(results):
+    """The tables as spreadsheet rows: setting, method, dataset, metric, mean, std (empty for one seed), seeds."""
+    rows = [["setting", "method", "dataset", "metric", "mean", "std", "seeds"]]
+    for setting in TABLES:
+        for m, by_dataset in sorted(collect(results, setting).items()):
+            for d, runs in sorted(by_dataset.items()):
+                metrics = {"base": [r["base_acc"] for r in runs], "new": [r["new_acc"] for r in runs],
+                           "H": [harmonic_mean(r["base_acc"], r["new_acc"]) for r in runs]} \
+                    if setting == "base2new" else {"acc": [r["acc"] for r in runs]} | {
+                        t: [r["targets"][t] for r in runs if t in r["targets"]] for t in sorted(
+                            {t for r in runs for t in r.get("targets", {})})}
+                for metric, values in metrics.items():
+                    centre = average(runs)[2] if metric == "H" else mean(values)
+                    s = std(values)
+                    rows.append([setting, m, d, metric, f"{centre:.4f}", "" if s is None else f"{s:.4f}", len(values)])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The paper beside the run (`--paper`): the published numbers of papers.py, ours, the difference, the seeds' spread.
+
+def paper_rows(results):
+    """[(method, dataset, metric, paper, ours, std over seeds, seeds, runs)] of every run group with a published
+    number, per-dataset rows and the papers' averages (base-to-new: H of the mean base and new over the 11
+    datasets; DA-VPT: the FGVC mean, VTAB-1k's group means and their mean) where all their datasets were run."""
+    out = []
+    for setting in ("base2new", "fewshot"):
+        for label, by_key in sorted(collect(results, setting).items()):
+            method = label.split(" (")[0]
+            if (setting, method) not in papers.PUBLISHED:
+                continue
+            source, published = papers.PUBLISHED[(setting, method)]
+            ours = {}  # dataset (VTAB without its 'vtab-' prefix) -> its runs
+            for key, runs in by_key.items():
+                ours.setdefault(key.split()[0].removeprefix("vtab-"), runs)
+            for d, runs in sorted(ours.items()):
+                if d not in published:
+                    continue
+                if setting == "base2new":
+                    hs = [harmonic_mean(r["base_acc"], r["new_acc"]) for r in runs]
+                    for i, (metric, values) in enumerate([("base", [r["base_acc"] for r in runs]),
+                                                          ("new", [r["new_acc"] for r in runs]), ("H", hs)]):
+                        centre = average(runs)[2] if metric == "H" else mean(values)
+                        out.append((label, d, metric, published[d][i], centre, std(values), len(runs), runs))
+                else:
+                    values = [r["acc"] for r in runs]
+                    out.append((label, d, "acc", published[d], mean(values), std(values), len(runs), runs))
+            every = [r for runs in ours.values() for r in runs]
+            if setting == "base2new" and all(d in ours for d in papers.B2N[1:]):
+                b, n, h = average([dict(zip(("base_acc", "new_acc"), average(ours[d])[:2])) for d in papers.B2N[1:]])
+                out += [(label, "average", m, p, v, None, "-", every) for m, p, v in zip(("base", "new", "H"),
+                                                                                        published["average"], (b, n, h))]
+            groups = {"fgvc mean": papers.FGVC, **papers.VTAB_GROUPS}
+            means = {g: mean([mean([r["acc"] for r in ours[d]]) for d in ds]) for g, ds in groups.items()
+                     if setting == "fewshot" and all(d in ours for d in ds)}
+            if len(means) == 4:
+                means["vtab mean"] = mean([means[g] for g in papers.VTAB_GROUPS])
+            out += [(label, g, "acc", published[g], v, None, "-", every) for g, v in means.items()]
+    return out
+
+def paper_table(results):
+    """Markdown: ours beside the published number, the difference (marked ** when more than 2 of our seeds'
+    standard deviations away) and what can make them differ: backbone, recipe, split file, shots, seeds."""
+    rows = paper_rows(results)
+    if not rows:
+        return ("No run here has a published counterpart: the papers report CoOp's 11 datasets (base-to-new), DA-VPT's "
+                "FGVC and VTAB-1k sets (see papers.py); the built-in world is nanoprompt's own.")
+    lines = ["| Method | Dataset | Metric | Paper | Ours | Diff | Std | Seeds | Backbone | Shots | Recipe | Split |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    sources = set()
+    for label, d, metric, paper, ours, s, seeds, runs in rows:
+        sources.add(papers.PUBLISHED[(runs[0]["setting"], label.split(" (")[0])][0])
+        diff = ours - paper
+        far = s is not None and s > 0 and abs(diff) > 2 * s
+        given = [r.get("args", {}) for r in runs]
+        recipe = ", ".join(sorted({f"{a.get('epochs', '?')} ep, batch {a.get('batch_size', '?')}, lr {a.get('lr', '?')}"
+                                   for a in given}))
+        name = lambda b: b if b in clip.available_models() else Path(b).name  # noqa: E731  (a checkpoint: its file)
+        facts = [sorted({name(str(r.get("backbone"))) for r in runs}), sorted({str(r.get("shots")) for r in runs})]
+        split = ", ".join(sorted({(r.get("split_sha256") or "none")[:8] for r in runs}))
+        lines.append(f"| {label} | {d} | {metric} | {paper:.2f} | {two(ours)} | {diff:+.2f}{' **' if far else ''} | "
+                     f"{two(s) if s is not None else '–'} | {seeds} | {', '.join(facts[0])} | {', '.join(facts[1])} | "
+                     f"{recipe} | {split} |")
+    notes = [f"- {src}: {papers.SETUP[src]}." for src in sorted(sources)]
+    return "\n".join(lines + ["", "** : more than 2 standard deviations of our seeds away. The papers' setups:", *notes])
 
 def tables(argv=None):
     """`python eval.py RUNS_DIR`: every setting's table of the results.json files below RUNS_DIR."""
     parser = argparse.ArgumentParser(description="Aggregate results.json files into the papers' tables.")
     parser.add_argument("runs_dir", help="folder searched recursively for results.json")
+    parser.add_argument("--paper", action="store_true", help="ours beside the papers' published numbers (papers.py)")
+    parser.add_argument("--format", choices=["markdown", "csv"], default="markdown", help="markdown tables or CSV rows")
+    parser.add_argument("--plot", default=None, help="also write PNG plots into this folder (needs matplotlib)")
     args = parser.parse_args(argv)
     results = read_results(args.runs_dir)
-    for setting, render in TABLES.items():
-        if collect(results, setting):
-            print(f"## {setting}\n\n{render(results)}\n")
     if not results:
         sys.exit(f"no results.json found under {args.runs_dir}")
+    if args.format == "csv":
+        csv.writer(sys.stdout).writerows(csv_rows(results))
+    elif args.paper:
+        print(paper_table(results))
+    else:
+        for setting, render in TABLES.items():
+            if collect(results, setting):
+                print(f"## {setting}\n\n{render(results)}\n")
+    if args.plot:
+        for path in plot_runs(results, Path(args.plot)):
+            print(f"wrote {path}")
 
 
-if __name__ == "__main__":
-    tables()
+# ---------------------------------------------------------------------------------------------------------------
+# What a learned prompt says (`python eval.py words RUN`): CoOp's interpret_prompt.py.
+
+def nearest_words(ctx, token_embedding, k=3):
+    """[[(word, distance)] * k] per context vector: the k vocabulary tokens nearest in Euclidean distance.
+    ctx (M, D) learned vectors; token_embedding (V, D) CLIP's table."""
+    distances = torch.cdist(ctx.float(), token_embedding.float())  # (M, V)
+    values, ids = distances.topk(k, dim=1, largest=False)  # (M, k) each
+    decode = clip.tokenizer.SimpleTokenizer().decode
+    return [[(decode([i]).strip(), d) for i, d in zip(row_ids.tolist(), row_values.tolist())]
+            for row_ids, row_values in zip(ids, values)]
+
+def words(argv=None):
+    """`python eval.py words RUN [--topk K]`: the nearest words of every learned context of a finished run."""
+    parser = argparse.ArgumentParser(description="The nearest vocabulary words of a run's learned context vectors")
+    parser.add_argument("run", type=files.path, help="a trained run folder (its args.json and checkpoint.pt)")
+    parser.add_argument("--topk", type=int, default=3, help="words per context vector (default: 3)")
+    args = parser.parse_args(argv)
+    try:
+        recorded = files.read_json(Path(args.run) / "args.json")
+        state = files.read_torch(Path(args.run) / "checkpoint.pt", "point at a trained run folder")["trainable"]
+        model = clip.load(recorded["backbone"], device="cpu")[0]
+    except (files.InputError, clip.LoadError, FileNotFoundError, KeyError) as e:
+        sys.exit(f"error: {args.run}: {e}")
+    table = model.token_embedding.weight  # (V, D)
+    contexts = {n: t for n, t in state.items() if n.split(".")[-1] == "ctx" and t.dim() == 2 and t.shape[1] == table.shape[1]}
+    if not contexts:
+        sys.exit(f"error: {args.run} ({recorded.get('method')}) has no learned word context (visual prompts, or "
+                 f"nothing trained): nothing to read as words")
+    print(f"{args.run}: {recorded.get('method')}, backbone {recorded['backbone']}")
+    for name, ctx in contexts.items():
+        for i, nearest in enumerate(nearest_words(ctx, table, args.topk), 1):
+            print(f"{name} {i}: " + "  ".join(f"{w} ({d:.3f})" for w, d in nearest))
+
+
+if __name__ == "__main__":  # python eval.py RUNS_DIR [--paper] [--format csv] [--plot DIR] | python eval.py words RUN
+    if sys.argv[1:2] == ["words"]:
+        words(sys.argv[2:])
+    else:
+        tables()

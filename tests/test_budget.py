@@ -17,7 +17,7 @@ METHODS = ["coop.py", "capt.py", "sempt.py", "davpt.py", "lpclip.py"]
 # study compares with; data.py CoOp's split sizes and what --download checks before it places a split file.
 BUDGET = {
     "coop.py": 190, "capt.py": 430, "sempt.py": 375, "davpt.py": 520, "lpclip.py": 130,  # methods
-    "files.py": 85, "world.py": 255, "data.py": 665, "eval.py": 295, "experiment.py": 320,  # shared
+    "files.py": 85, "papers.py": 95, "world.py": 255, "data.py": 665, "eval.py": 450, "experiment.py": 320,  # shared
     "harness/__init__.py": 15, "harness/runs.py": 100, "harness/folders.py": 240, "harness/lock.py": 80, "harness/torchrun.py": 220,
     "harness/speed.py": 95,  # plumbing a method reader skips
     "bench.py": 545, "descriptions/describe.py": 230,  # tools
@@ -32,7 +32,8 @@ def lines(path):
 
 def test_clip_package_stays_small():
     total = sum(lines(p) for p in (ROOT / "clip").glob("*.py"))
-    assert total <= 500, f"clip/ has {total} lines; its budget is 500 (a package you read in one sitting)"
+    # 500 for the ViT CLIP; the ResNet image encoders (resnet.py, CoOp's RN50/RN101 tables) add 100
+    assert total <= 610, f"clip/ has {total} lines; its budget is 610 (a package you read in one sitting)"
 
 
 def test_every_module_has_a_budget():

@@ -183,7 +183,7 @@ def test_table_aggregates_seeds_and_datasets(tmp_path):
         files.save_json(tmp_path / d / str(seed) / "results.json", {"method": "coop", "dataset": d, "seed": seed,
                                                                          "shots": 16, "base_acc": b, "new_acc": n})
     table = evaluation.base2new_table(evaluation.read_results(tmp_path))
-    assert "| coop | dtd | 75.00 | 45.00 | 56.25 | 2 seeds |" in table  # mean base, mean new, H of the means
+    assert "| coop | dtd | 75.00 ± 7.07 | 45.00 ± 7.07 | 56.25 ± 3.54 | 2 seeds |" in table  # H of the means ± the seeds' H (53.33, 58.33)
     assert "| coop | **Average** | 82.50 | 52.50 | 64.17 | 2 datasets |" in table
 
 
