@@ -329,7 +329,7 @@ def train(capt, model, split, args, *, device, autocast):
             loss, logits = step(inputs, labels)
             meter.add(loss, logits, labels)
         print(f"epoch {epoch + 1}/{args.epochs}  {meter.summary(epoch, optimizer.param_groups[0]['lr'])}")
-        experiment.snapshot(args.out, capt, optimizer, epoch)
+        experiment.snapshot(args.out, capt, optimizer, epoch, meter=meter)
 
 
 @torch.no_grad()

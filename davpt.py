@@ -433,8 +433,9 @@ def train(model, split, args, *, device, autocast, score):
             if new.unique().numel() > 1:  # skipped if everything fell into one cluster, as the code
                 mapping, cent = new.to(device), new_cent
         if epoch + 1 > args.eval_after:  # the released code's model selection: the best epoch on the test set
-            best = {k: max(v, best.get(k, v)) for k, v in score().items()}
-        experiment.snapshot(args.out, model, opt, epoch, mapping=mapping.cpu(), centroids=cent, best=best)
+            meter.row["test_acc"] = score()  # this epoch's test accuracies, kept in history.json
+            best = {k: max(v, best.get(k, v)) for k, v in meter.row["test_acc"].items()}
+        experiment.snapshot(args.out, model, opt, epoch, meter=meter, mapping=mapping.cpu(), centroids=cent, best=best)
     return mapping, best
 
 

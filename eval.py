@@ -294,6 +294,56 @@ def crossdataset_table(results):
     return "\n".join(lines + ["Source: its accuracy, the mean ± std over seeds (the number of seeds in brackets); "
                                "targets: the same seeds' mean ± std."])
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plots (optional: matplotlib): per dataset the few-shot curve and the base/new/H bars of every method.
+
+def plot_runs(results, folder):
+    """fewshot_<dataset>.png (mean accuracy over seeds against shots, a line per method, std bars) and
+    base2new_<dataset>.png (base, new and H bars per method) in folder; returns the paths written."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("error: --plot needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+    curves, bars, written = defaultdict(dict), defaultdict(dict), []
+    for m, keys in collect(results, "fewshot").items():
+        for runs in keys.values():
+            curves[runs[0]["dataset"]].setdefault(m, []).append((runs[0]["shots"], [r["acc"] for r in runs]))
+    for m, keys in collect(results, "base2new").items():
+        for runs in keys.values():
+            bars[runs[0]["dataset"]][m] = [[r[k] for r in runs] for k in ("base_acc", "new_acc", "H")]
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for dataset, methods in sorted(curves.items()):
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for m, points in sorted(methods.items()):
+            points = sorted((s, v) for s, v in points if s != "all")
+            ax.errorbar([s for s, _ in points], [mean(v) for _, v in points], marker="o", capsize=3, label=m,
+                        yerr=[std(v) if len(v) > 1 else 0 for _, v in points])
+        ax.set(xscale="log", xlabel="shots per class", ylabel="accuracy (%)", title=f"{dataset}: few-shot")
+        ax.set_xticks(sorted({s for p in methods.values() for s, _ in p if s != "all"}), minor=False)
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        written.append(_save(plt, fig, ax, Path(folder) / f"fewshot_{dataset}.png"))
+    for dataset, methods in sorted(bars.items()):
+        fig, ax = plt.subplots(figsize=(5, 4))
+        width = 0.8 / len(methods)
+        for i, (m, values) in enumerate(sorted(methods.items())):
+            ax.bar([x + i * width for x in range(3)], [mean(v) for v in values], width, label=m,
+                   yerr=[std(v) if len(v) > 1 else 0 for v in values], capsize=3)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(3)], ["base", "new", "H"])
+        ax.set(ylabel="accuracy (%)", title=f"{dataset}: base-to-new")
+        written.append(_save(plt, fig, ax, Path(folder) / f"base2new_{dataset}.png"))
+    return written
+
+def _save(plt, fig, ax, path):
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return path
+
 TABLES = {"base2new": base2new_table, "fewshot": fewshot_table, "crossdataset": crossdataset_table}
 
 def csv_rows(results):
@@ -412,7 +462,7 @@ def tables(argv=None):
 def nearest_words(ctx, token_embedding, k=3):
     """[[(word, distance)] * k] per context vector: the k vocabulary tokens nearest in Euclidean distance.
     ctx (M, D) learned vectors; token_embedding (V, D) CLIP's table."""
-    distances = torch.cdist(ctx.float(), token_embedding.float())  # (M, V)
+    distances = torch.cdist(ctx.float(), token_embedding.float(), compute_mode="donot_use_mm_for_euclid_dist")  # (M, V)
     values, ids = distances.topk(k, dim=1, largest=False)  # (M, k) each
     decode = clip.tokenizer.SimpleTokenizer().decode
     return [[(decode([i]).strip(), d) for i, d in zip(row_ids.tolist(), row_values.tolist())]
@@ -424,18 +474,25 @@ def words(argv=None):
     parser.add_argument("run", type=files.path, help="a trained run folder (its args.json and checkpoint.pt)")
     parser.add_argument("--topk", type=int, default=3, help="words per context vector (default: 3)")
     args = parser.parse_args(argv)
+    if args.topk < 1:
+        parser.error(f"--topk {args.topk}: give 1 or more words per context vector")
     try:
         recorded = files.read_json(Path(args.run) / "args.json")
         state = files.read_torch(Path(args.run) / "checkpoint.pt", "point at a trained run folder")["trainable"]
+        method = recorded.get("method", "?")
+        if method.startswith("zero-shot"):  # its checkpoint holds the untrained initial context
+            raise files.InputError(f"a {method} run: nothing was trained, so there are no learned words")
         model = clip.load(recorded["backbone"], device="cpu")[0]
+        table = model.token_embedding.weight.detach()  # (V, D)
+        contexts = {n: t for n, t in state.items()
+                    if n.split(".")[-1] == "ctx" and t.dim() == 2 and t.shape[1] == table.shape[1]}  # (M, D) each
+        if not contexts:
+            raise files.InputError(f"a {method} run has no learned word context (its prompts are visual, or it "
+                                   f"learns none): nothing to read as words")
     except (files.InputError, clip.LoadError, FileNotFoundError, KeyError) as e:
-        sys.exit(f"error: {args.run}: {e}")
-    table = model.token_embedding.weight  # (V, D)
-    contexts = {n: t for n, t in state.items() if n.split(".")[-1] == "ctx" and t.dim() == 2 and t.shape[1] == table.shape[1]}
-    if not contexts:
-        sys.exit(f"error: {args.run} ({recorded.get('method')}) has no learned word context (visual prompts, or "
-                 f"nothing trained): nothing to read as words")
-    print(f"{args.run}: {recorded.get('method')}, backbone {recorded['backbone']}")
+        print(f"error: {args.run}: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{args.run}: {method}, backbone {recorded['backbone']}")
     for name, ctx in contexts.items():
         for i, nearest in enumerate(nearest_words(ctx, table, args.topk), 1):
             print(f"{name} {i}: " + "  ".join(f"{w} ({d:.3f})" for w, d in nearest))

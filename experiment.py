@@ -155,6 +155,8 @@ def start(args, split):
     """The start of a run: write train_files.json (and args.json again where the split files were first rendered
     or downloaded by this run: their sha256 now), seed torch; returns the run's (device, autocast factory)."""
     if not args.eval_only:
+        if not args.resume:  # a fresh run starts a fresh history (even one with no epoch to write)
+            (Path(args.out) / "history.json").unlink(missing_ok=True)
         files.save_json(Path(args.out) / "train_files.json", [it.path for it in split.train])
         made = split_record(args)
         if made != {k: getattr(args, k, None) for k in made}:
@@ -254,12 +256,14 @@ class Meter:
         self.seen += len(labels)
 
     def summary(self, epoch, lr):
-        """The epoch's line; a non-finite loss stops the run (no results.json is written for it)."""
+        """The epoch's line; its numbers stay in `self.row` (history.json, see snapshot). A non-finite loss stops
+        the run (no results.json is written for it)."""
         loss = float(self.loss) / max(1, self.seen)
         if not math.isfinite(loss):
             raise files.InputError(f"the training loss became {loss} in epoch {epoch + 1}: the run diverged; "
                                   f"lower --lr (the learning rate was {lr:.3g} in that epoch)")
-        return f"loss {loss:.4f}  train acc {100 * int(self.correct) / max(1, self.seen):.1f}  lr {lr:.2e}"
+        self.row = {"epoch": epoch + 1, "loss": loss, "train_acc": 100 * int(self.correct) / max(1, self.seen), "lr": lr}
+        return f"loss {loss:.4f}  train acc {self.row['train_acc']:.1f}  lr {lr:.2e}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,8 +300,14 @@ def load_checkpoint(out, module):
     load_trainable(module, checkpoint["trainable"], source=str(path))
     return checkpoint
 
-def snapshot(out, module, optimizer, epoch, **extra):
-    """The trainable state and the optimizer after `epoch`, written atomically (a kill never leaves half a file)."""
+def snapshot(out, module, optimizer, epoch, meter=None, **extra):
+    """The trainable state and the optimizer after `epoch`, written atomically (a kill never leaves half a file).
+    meter: its epoch's row (Meter.summary) joins history.json, the rows of this epoch and later ones dropped first:
+    epoch 0 starts it anew, and a resumed run replays the epochs it redoes. Written first: a kill between the two
+    files leaves a row of an epoch that the resumed run redoes and replaces."""
+    if meter is not None:
+        rows = files.read_json(Path(out) / "history.json") if epoch and (Path(out) / "history.json").exists() else []
+        files.save_json(Path(out) / "history.json", [r for r in rows if r["epoch"] <= epoch] + [meter.row])
     state = {"trainable": trainable_state(module), "optimizer": optimizer.state_dict(), "epoch": epoch + 1} | extra
     files.atomic_write(Path(out) / "train_state.pt", lambda tmp: torch.save(state, tmp))
 

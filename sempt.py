@@ -314,7 +314,7 @@ def train(module, model, split, args, *, device, autocast):
             loss, logits = step(inputs, labels)
             meter.add(loss, logits, labels)
         print(f"epoch {epoch + 1}/{args.epochs}  {meter.summary(epoch, lr)}")
-        experiment.snapshot(args.out, module, optimizer, epoch)
+        experiment.snapshot(args.out, module, optimizer, epoch, meter=meter)
 
 
 @torch.no_grad()

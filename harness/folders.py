@@ -226,6 +226,8 @@ def run_one(run, args, ranks=None):
         | ({"trained": trained} if trained else {}) | run(args)
     results["wall_time"] = time.time() - start
     results["code"] = args.code
+    if (Path(args.out) / "history.json").exists():  # the epochs' loss, train acc, lr (experiment.snapshot)
+        results["history"] = files.read_json(Path(args.out) / "history.json")
     results["args"] = vars(args)  # what made these numbers: a run is reused only when they are its arguments
     results |= experiment.split_record(args)  # the split files the run read
     if ranks:  # which process did the run (torchrun)

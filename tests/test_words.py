@@ -34,11 +34,30 @@ def test_a_world_run_has_one_line_per_context_vector(tmp_path, capsys):
     assert [line.split(":")[0] for line in out[1:]] == ["ctx 1", "ctx 2", "ctx 3", "ctx 4"]  # "a photo of a"
 
 
+def refused(run, capsys):
+    """words(RUN)'s exit status and its one stderr line."""
+    with pytest.raises(SystemExit) as e:
+        evaluation.words([str(run)])
+    return e.value.code, capsys.readouterr().err.strip()
+
+
 def test_visual_prompts_are_no_words(tiny, tmp_path, capsys):
     run = tmp_path / "run"
     davpt.main(["--dataset", "folder", "--root", str(tiny / "ds"), "--backbone", str(tiny / "clip.pt"), "--shots", "2",
                 "--epochs", "1", "--device", "cpu", "--workers", "0", "--setting", "fewshot", "--num-guided", "2",
                 "--out", str(run)])
-    with pytest.raises(SystemExit) as e:
-        evaluation.words([str(run)])
-    assert "has no learned word context" in str(e.value.code) and str(e.value.code).startswith("error: ")
+    capsys.readouterr()
+    code, err = refused(run, capsys)
+    assert code == 2 and err.startswith("error: ") and "no learned word context" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("method, trainable", [
+    ("zero-shot", {"ctx": torch.zeros(4, 64)}),  # a zero-shot run keeps its untrained initial context
+    ("coop", {"ctx": torch.zeros(2, 4, 64)}),  # class-specific context (C, M, D): not a (M, D) prompt
+    ("other", {"head.weight": torch.zeros(5, 64)}),  # no tensor named ctx at all
+])
+def test_a_run_without_learned_words_is_one_error_line(tiny, tmp_path, capsys, method, trainable):
+    files.save_json(tmp_path / "args.json", {"backbone": str(tiny / "clip.pt"), "method": method})
+    torch.save({"trainable": trainable, "classnames": []}, tmp_path / "checkpoint.pt")
+    code, err = refused(tmp_path, capsys)
+    assert code == 2 and err.startswith(f"error: {tmp_path}: a {method} run") and len(err.splitlines()) == 1
