@@ -112,7 +112,8 @@ def transform(resolution):
 def load(name_or_path, device=None, jit=False, download_root=None):
     """(model, preprocess) for an OpenAI model name (see available_models()) or a checkpoint path, on `device`
     (default: CUDA when there is one, as OpenAI's). jit=False is OpenAI's eager model, the only kind built here
-    (a TorchScript archive's weights are read into it); jit=True, OpenAI's TorchScript model, is refused."""
+    (a TorchScript archive's weights are read into it); jit=True, OpenAI's TorchScript model, is refused.
+    Head counts are not in the checkpoint: heads = width / 64 is assumed, OpenAI's rule (see build_model)."""
     if jit:
         raise LoadError("jit=True (OpenAI's TorchScript model) is not supported: pass jit=False, the eager model")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
